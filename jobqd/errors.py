@@ -1,0 +1,28 @@
+"""Exceptions and process exit codes shared by the daemon, the client and jobqctl."""
+
+from __future__ import annotations
+
+
+class JobqdError(Exception):
+    """Base of every error jobqd raises on purpose."""
+
+
+class MigrationError(JobqdError):
+    """The schema cannot be brought up to date (edited, unknown or failing migration)."""
+
+
+class PayloadError(JobqdError, ValueError):
+    """A job's args are too large to enqueue."""
+
+
+class DatabaseUnavailable(JobqdError):
+    """Postgres could not be reached; the message says where and what to check."""
+
+
+# Exit codes of `jobqd` (sysexits-style where one fits) and `jobqctl`.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_CONFIG = 78
+EXIT_BOOT_FAILED = 4

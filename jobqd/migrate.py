@@ -1,0 +1,152 @@
+"""Migration runner: numbered plain SQL files applied in order, once, under an advisory lock.
+
+Ten daemons starting at once must migrate once: every runner takes the same session advisory
+lock (derived from the schema name) before looking at what is applied, so the others wait and
+then find nothing pending. Each file runs in its own transaction together with the row that
+records it, so a failed file leaves no trace and is retried next time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from jobqd.errors import MigrationError
+
+_FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    text: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def migrations_dir() -> Path:
+    """Where the SQL files are: inside the installed wheel, or at the top of a source checkout."""
+    packaged = resources.files("jobqd") / "migrations"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "migrations"
+
+
+def available(directory: Path | None = None) -> list[Migration]:
+    directory = directory or migrations_dir()
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE_NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"{path}: migration files are named NNNN_name.sql")
+        found.append(Migration(int(match[1]), match[2], path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"{directory}: two migration files share a number")
+    return found
+
+
+def lock_key(schema: str, purpose: str) -> int:
+    """A stable signed 64-bit advisory lock key, distinct per schema and purpose."""
+    digest = hashlib.sha256(f"jobqd:{schema}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _applied(conn: psycopg.Connection, schema: str) -> dict[int, str]:
+    exists = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{_quote(schema)}.migrations",)
+    ).fetchone()
+    if not exists or not exists[0]:
+        return {}
+    rows = conn.execute(
+        sql.SQL("SELECT version, checksum FROM {}.migrations").format(sql.Identifier(schema))
+    ).fetchall()
+    return {version: checksum for version, checksum in rows}
+
+
+def _quote(schema: str) -> str:
+    return '"' + schema.replace('"', '""') + '"'
+
+
+def _check(applied: dict[int, str], known: list[Migration]) -> list[Migration]:
+    """Return what is pending, after refusing edited or unknown applied migrations."""
+    by_version = {m.version: m for m in known}
+    problems = []
+    for version, checksum in sorted(applied.items()):
+        migration = by_version.get(version)
+        if migration is None:
+            problems.append(
+                f"migration {version:04d} is applied in the database but unknown to this "
+                "jobqd: the database is newer than the code; upgrade jobqd"
+            )
+        elif migration.checksum != checksum:
+            problems.append(
+                f"migration {version:04d}_{migration.name}.sql was changed after it was "
+                "applied (checksum differs): restore the file; fix forward with a new migration"
+            )
+    if problems:
+        raise MigrationError("\n".join(problems))
+    return [m for m in known if m.version not in applied]
+
+
+def pending(conn: psycopg.Connection, schema: str) -> list[Migration]:
+    """Migrations not yet applied; raises MigrationError when the applied set is inconsistent."""
+    return _check(_applied(conn, schema), available())
+
+
+def migrate(conn: psycopg.Connection, schema: str, *, dry_run: bool = False) -> list[Migration]:
+    """Apply every pending migration; return the ones applied (or, dry run, that would be).
+
+    `conn` must be in autocommit mode: the lock is session-level so that each file can have
+    its own transaction while the lock is held across all of them.
+    """
+    if not conn.autocommit:
+        raise ValueError("migrate() needs an autocommit connection")
+    key = lock_key(schema, "migrate")
+    conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    try:
+        todo = pending(conn, schema)
+        if dry_run or not todo:
+            return todo
+        ident = sql.Identifier(schema)
+        with conn.transaction():
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {}.migrations ("
+                    " version integer PRIMARY KEY, name text NOT NULL,"
+                    " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                ).format(ident)
+            )
+        for migration in todo:
+            _apply(conn, schema, migration)
+        return todo
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+def _apply(conn: psycopg.Connection, schema: str, migration: Migration) -> None:
+    ident = sql.Identifier(schema)
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("SET LOCAL search_path TO {}, pg_temp").format(ident))
+            conn.execute(migration.text.encode())
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {}.migrations (version, name, checksum) VALUES (%s, %s, %s)"
+                ).format(ident),
+                (migration.version, migration.name, migration.checksum),
+            )
+    except psycopg.Error as exc:
+        raise MigrationError(
+            f"migration {migration.version:04d}_{migration.name}.sql failed: {exc}"
+        ) from exc

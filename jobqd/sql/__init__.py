@@ -1,0 +1,71 @@
+"""Every SQL statement jobqd runs, named, loaded from the .sql files beside this module.
+
+Each file holds blocks that start with `-- name: NAME`; `{schema}` in a statement is replaced by
+the quoted schema name once per schema. Values are always bound parameters (`%(name)s`), never
+formatted in.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+
+_HEADER = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@functools.cache
+def _raw() -> dict[str, str]:
+    statements: dict[str, str] = {}
+    for entry in sorted(resources.files(__package__).iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql"):
+            continue
+        text = entry.read_text()
+        parts = _HEADER.split(text)
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in statements:
+                raise RuntimeError(f"SQL statement {name!r} is defined twice")
+            statements[name] = body.strip().rstrip(";")
+    return statements
+
+
+class Queries:
+    """The statements for one schema, as attributes: `queries("jobqd").claim`."""
+
+    def __init__(self, schema: str) -> None:
+        if not _SCHEMA_NAME.match(schema):
+            raise ValueError(f"invalid schema name {schema!r}: use lowercase letters, digits, _")
+        self.schema = schema
+        quoted = quote_ident(schema)
+        for name, text in _raw().items():
+            setattr(self, name, text.replace("{schema}", quoted))
+
+    def __getattr__(self, name: str) -> str:
+        raise AttributeError(f"no SQL statement named {name!r}")
+
+
+@functools.cache
+def queries(schema: str = "jobqd") -> Queries:
+    return Queries(schema)
+
+
+def int_array(values: list[int]) -> str:
+    """A Postgres array literal for integers: much cheaper to build than letting the driver
+    adapt a list element by element, which matters on the worker's per-batch statements."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def text_array(values: list[str | None]) -> str:
+    """A Postgres array literal for text (NULL for None), quoted and escaped."""
+    return "{" + ",".join(_element(v) for v in values) + "}"
+
+
+def _element(value: str | None) -> str:
+    if value is None:
+        return "NULL"
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

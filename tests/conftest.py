@@ -1,0 +1,117 @@
+"""Test harness: a real Postgres and a fresh database for every test.
+
+The server is JOBQD_TEST_DSN when set, else 127.0.0.1:5432 when it answers, else a private
+embedded Postgres (pgserver) in a temp dir. The session migrates one uniquely named template
+database; each test gets its own copy of it (`dsn`) or an empty one (`empty_dsn`), dropped
+afterwards, so no test sees another's rows or depends on leftovers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from jobqd.migrate import migrate
+
+LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _answers(dsn: str) -> bool:
+    try:
+        with psycopg.connect(dsn, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_dsn() -> Iterator[str]:
+    """A DSN for an administrative database on the test server."""
+    explicit = os.environ.get("JOBQD_TEST_DSN")
+    if explicit:
+        yield explicit
+        return
+    if _answers(LOCAL_DSN):
+        yield LOCAL_DSN
+        return
+    import pgserver
+
+    with tempfile.TemporaryDirectory(prefix="jobqd-test-pg-") as tmp:
+        server = pgserver.get_server(tmp, cleanup_mode="stop")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
+
+
+def with_dbname(dsn: str, dbname: str) -> str:
+    params = conninfo_to_dict(dsn)
+    params["dbname"] = dbname
+    return make_conninfo("", **params)
+
+
+class Databases:
+    """Creates and drops uniquely named databases on the test server."""
+
+    def __init__(self, server_dsn: str) -> None:
+        self.server_dsn = server_dsn
+        self.run_id = uuid.uuid4().hex[:8]
+
+    def create(self, *, template: str | None = None) -> str:
+        name = f"jobqd_test_{self.run_id}_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(self.server_dsn, autocommit=True) as conn:
+            if template:
+                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+            else:
+                conn.execute(f'CREATE DATABASE "{name}"')
+        return name
+
+    def drop(self, name: str) -> None:
+        with psycopg.connect(self.server_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def url(self, name: str) -> str:
+        return with_dbname(self.server_dsn, name)
+
+
+@pytest.fixture(scope="session")
+def databases(server_dsn: str) -> Databases:
+    return Databases(server_dsn)
+
+
+@pytest.fixture(scope="session")
+def template_db(databases: Databases) -> Iterator[str]:
+    """A migrated database that per-test databases are copied from."""
+    name = databases.create()
+    with psycopg.connect(databases.url(name), autocommit=True) as conn:
+        migrate(conn, "jobqd")
+    yield name
+    databases.drop(name)
+
+
+@pytest.fixture
+def dsn(databases: Databases, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database of this test's own."""
+    name = databases.create(template=template_db)
+    yield databases.url(name)
+    databases.drop(name)
+
+
+@pytest.fixture
+def empty_dsn(databases: Databases) -> Iterator[str]:
+    """A fresh database with nothing in it."""
+    name = databases.create()
+    yield databases.url(name)
+    databases.drop(name)
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        yield connection
