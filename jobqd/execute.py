@@ -1,0 +1,195 @@
+"""Running one job and deciding what becomes of it: the part of the hot path that the worker
+and the testing helpers share, so tests exercise the same decisions production makes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from jobqd.backoff import Backoff
+from jobqd.observe.logs import log_context
+from jobqd.tasks import (
+    Discard,
+    EventLoopThread,
+    Job,
+    JobCancelled,
+    Registry,
+    Retry,
+    Snooze,
+    TaskSpec,
+)
+
+log = logging.getLogger("jobqd.execute")
+
+MAX_RESULT_BYTES = 64 * 1024
+MAX_TRACEBACK_CHARS = 8000
+
+SUCCEEDED, QUEUED, DEAD = "succeeded", "queued", "dead"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What to write about one attempt. `delay` is seconds from now for a re-queued job."""
+
+    job: Job
+    state: str
+    delay: float | None = None
+    result: str | None = None
+    error: str | None = None
+    snooze: bool = False
+    duration: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None and not self.snooze
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The queue-level defaults a task's own settings override."""
+
+    max_attempts: int = 20
+    backoff: Backoff = Backoff()
+    timeout: float | None = None
+
+
+def effective_max_attempts(job_max: int | None, spec: TaskSpec | None, policy: Policy) -> int:
+    if job_max is not None:
+        return job_max
+    if spec is not None and spec.max_attempts is not None:
+        return spec.max_attempts
+    return policy.max_attempts
+
+
+def _encode_result(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        text = json.dumps(value, default=str, allow_nan=False)
+    except (TypeError, ValueError):
+        text = json.dumps(repr(value))
+    if len(text) > MAX_RESULT_BYTES:
+        return json.dumps({"truncated": True, "preview": text[:1000]})
+    return text
+
+
+def _error_record(job: Job, kind: str, message: str, tb: str | None) -> str:
+    return json.dumps(
+        {
+            "attempt": job.attempt,
+            "kind": kind,
+            "message": message[:2000],
+            "traceback": tb[-MAX_TRACEBACK_CHARS:] if tb else None,
+        }
+    )
+
+
+def _retry_or_dead(
+    job: Job, kind: str, message: str, tb: str | None, delay: float
+) -> tuple[str, float | None, str]:
+    record = _error_record(job, kind, message, tb)
+    if job.attempt >= job.max_attempts:
+        return DEAD, None, record
+    return QUEUED, delay, record
+
+
+def _backoff(spec: TaskSpec | None, policy: Policy, attempt: int) -> float:
+    custom = spec.backoff if spec is not None else None
+    if custom is None:
+        return policy.backoff.delay(attempt)
+    if isinstance(custom, Backoff):
+        return custom.delay(attempt)
+    return float(custom(attempt))
+
+
+class Executor:
+    """Runs jobs through middleware and their task; never raises for a job's own failure."""
+
+    def __init__(self, registry: Registry, policy: Policy) -> None:
+        self.registry = registry
+        self.policy = policy
+        self._loop = EventLoopThread()
+
+    def call(self, spec: TaskSpec, job: Job) -> Any:
+        def call_task() -> Any:
+            if spec.is_async:
+                return self._loop.run(spec.fn(job))
+            return spec.fn(job)
+
+        chain = call_task
+        for wrap in reversed(self.registry.middleware):
+            chain = _bind(wrap, job, chain)
+        return chain()
+
+    def run(self, job: Job) -> Outcome:
+        spec = self.registry.get(job.task)
+        with log_context(**job.log_fields()):
+            outcome = self._run(spec, job)
+        outcome.duration = _elapsed(job)
+        return outcome
+
+    def _run(self, spec: TaskSpec | None, job: Job) -> Outcome:
+        if spec is None:
+            message = (
+                f"unknown task {job.task!r}: no @task with that name is registered in this "
+                f"worker (known: {', '.join(self.registry.names()) or 'none'}); check the "
+                "config's imports:"
+            )
+            log.error(message, extra=job.log_fields())
+            state, delay, record = _retry_or_dead(
+                job, "UnknownTask", message, None, _backoff(None, self.policy, job.attempt)
+            )
+            return Outcome(job, state, delay=delay, error=record)
+        try:
+            result = self.call(spec, job)
+        except Snooze as exc:
+            return Outcome(job, QUEUED, delay=max(0.0, exc.delay), snooze=True)
+        except Discard as exc:
+            record = _error_record(job, "Discard", exc.reason, None)
+            log.warning("job discarded: %s", exc.reason, extra=job.log_fields())
+            return Outcome(job, DEAD, error=record)
+        except Retry as exc:
+            delay = exc.after if exc.after is not None else _backoff(spec, self.policy, job.attempt)
+            state, delay, record = _retry_or_dead(job, "Retry", exc.reason, None, delay)
+            return Outcome(job, state, delay=delay, error=record)
+        except JobCancelled as exc:
+            reason = str(exc) or "cancelled"
+            state, delay, record = _retry_or_dead(
+                job, "Cancelled", reason, None, _backoff(spec, self.policy, job.attempt)
+            )
+            return Outcome(job, state, delay=delay, error=record)
+        except Exception as exc:
+            tb = traceback.format_exc()
+            message = f"{type(exc).__name__}: {exc}"
+            state, delay, record = _retry_or_dead(
+                job, type(exc).__name__, message, tb, _backoff(spec, self.policy, job.attempt)
+            )
+            log.warning(
+                "job failed: %s (%s)",
+                message,
+                f"retrying in {delay:.1f}s" if state == QUEUED else "dead, no attempts left",
+                extra=job.log_fields(),
+            )
+            return Outcome(job, state, delay=delay, error=record)
+        return Outcome(job, SUCCEEDED, result=_encode_result(result))
+
+    def timed_out(self, job: Job, limit: float) -> Outcome:
+        """The outcome of a job that ran past its hard timeout and could not be stopped."""
+        message = f"timeout: still running after {limit:.1f}s (soft timeout plus grace)"
+        spec = self.registry.get(job.task)
+        state, delay, record = _retry_or_dead(
+            job, "Timeout", message, None, _backoff(spec, self.policy, job.attempt)
+        )
+        return Outcome(job, state, delay=delay, error=record, duration=_elapsed(job))
+
+
+def _bind(wrap: Any, job: Job, call_next: Any) -> Any:
+    return lambda: wrap(job, call_next)
+
+
+def _elapsed(job: Job) -> float:
+    return time.monotonic() - job.started_monotonic
