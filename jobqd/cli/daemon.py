@@ -1,0 +1,157 @@
+"""`jobqd`: the daemon's command line. `jobqd -c FILE` runs the master; `--check` validates.
+
+Exit codes (jobqd.errors): 0 clean stop, 1 unexpected error or a failed `--check` (as
+`nginx -t` does), 2 usage, 3 database unreachable, 4 no worker could boot, 78 invalid
+configuration when starting for real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from jobqd import __version__, config, tasks, yamlload
+from jobqd.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    DatabaseUnavailable,
+    MigrationError,
+)
+from jobqd.observe.logs import setup_logging
+
+DEFAULT_CONFIG = "/etc/jobqd.yaml"
+CONFIG_ENV = "JOBQD_CONFIG"
+
+log = logging.getLogger("jobqd.master")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobqd",
+        description="Run the jobqd daemon: a master process that supervises worker, "
+        "maintenance and http processes. TERM/INT drain, QUIT stops fast, HUP reloads.",
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help=f"the YAML config file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config, import its modules and resolve cron tasks, then exit 0 or 1",
+    )
+    parser.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not apply database migrations at start (same as database.migrate: false)",
+    )
+    parser.add_argument("--version", action="version", version=f"jobqd {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    if args.config:
+        hint = ""
+    elif os.environ.get(CONFIG_ENV):
+        hint = f" (named by ${CONFIG_ENV}; pass -c FILE for another)"
+    else:
+        hint = f" (the default; pass -c FILE or set ${CONFIG_ENV})"
+    if args.check:
+        return check(path, hint)
+    return start(path, hint, migrate=not args.no_migrate)
+
+
+def check(path: str, hint: str = "") -> int:
+    """`jobqd --check`: print every problem, or "configuration ok"."""
+    errors, warnings = check_config(path)
+    for warning in warnings:
+        print(f"{path}: warning: {warning}", file=sys.stderr)
+    if errors:
+        for error in errors:
+            print(error, file=sys.stderr)
+        print(f"jobqd: configuration file {path} test failed{hint}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{path}: configuration ok")
+    return EXIT_OK
+
+
+def check_config(path: str) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for the config at `path`, beyond what parsing finds: every module in
+    `imports:` imports, every cron entry names a registered or command task. Imports the
+    modules into this process."""
+    try:
+        settings = config.load(path)
+    except config.ConfigError as exc:
+        return exc.errors, []
+    document = yamlload.load(Path(path).read_text(encoding="utf-8"), path)
+    problems: list[tuple[int, str]] = []
+
+    def error(key: yamlload.Path, message: str) -> None:
+        line = document.line(key)
+        problems.append((line, yamlload.format_error(path, line, key, message)))
+
+    for index, module in enumerate(settings.imports):
+        try:
+            tasks.import_modules([module])
+        except ImportError as exc:
+            error(("imports", index), str(exc))
+    tasks.register_commands(settings.tasks)
+    known = tasks.registry.names()
+    for name, entry in settings.cron.items():
+        if tasks.registry.get(entry.task) is None:
+            close = difflib.get_close_matches(entry.task, known, n=1)
+            suggestion = f' (did you mean "{close[0]}"?)' if close else ""
+            error(
+                ("cron", name, "task"),
+                f'no task named "{entry.task}": neither registered by a module in imports '
+                f"nor defined under tasks:{suggestion}",
+            )
+    warnings = []
+    for name, entry in settings.cron.items():
+        queue = settings.queues.get(entry.queue)
+        if queue is not None and queue.processes == 0:
+            warnings.append(
+                f'cron.{name}: queue "{entry.queue}" has no worker processes on this node'
+            )
+    for spec in tasks.registry.specs():
+        if spec.queue not in settings.queues:
+            warnings.append(
+                f'task "{spec.name}" defaults to queue "{spec.queue}", which is not configured '
+                "here: its jobs wait for a node that serves that queue"
+            )
+    return [message for _, message in sorted(problems, key=lambda p: p[0])], warnings
+
+
+def start(path: str, hint: str = "", *, migrate: bool = True) -> int:
+    """Load the config and run the master until it stops; returns the exit code."""
+    try:
+        settings = config.load(path)
+    except config.ConfigError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        print(f"jobqd: not starting: configuration file {path} is invalid{hint}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(settings.log.format, settings.log.level, role="master")
+    from jobqd.supervisor import Supervisor
+
+    supervisor = Supervisor(
+        settings, config_path=path, migrate=migrate and settings.database.migrate
+    )
+    try:
+        return supervisor.run()
+    except DatabaseUnavailable as exc:
+        log.error("%s", exc)
+        return EXIT_UNREACHABLE
+    except MigrationError as exc:
+        log.error("cannot migrate the database: %s", exc)
+        return EXIT_FAILURE

@@ -1,0 +1,711 @@
+"""The master process: prepares the database, forks the children the config asks for, and then
+only supervises them.
+
+The master is single-threaded and holds no database connection once it forks. It sleeps in one
+selector over the signal wake-up pipe (`signal.set_wakeup_fd`: handlers do nothing, the signal
+number arrives as a byte) and one message pipe per child, for at most the time until its next
+deadline. Each turn does its chores in a fixed order: handle signals, reap exited children,
+read child messages, enforce stop deadlines, converge to the spec list (restart with backoff),
+then talk to systemd and feed the http child.
+
+Signals: TERM/INT drain (children get TERM, then QUIT after `shutdown_timeout`, then SIGKILL
+`QUIT_GRACE` later); a second TERM/INT, or QUIT, stops fast (QUIT now, SIGKILL
+`FAST_STOP_GRACE` later); HUP reloads the config file, replacing only the children whose
+settings changed.
+
+Child -> master messages (jobqd.ipc, one JSON object per line):
+  `booted {process_id?, queue?}` once the child is ready for work;
+  `status {busy?, concurrency?, leader?, metrics?}` periodically; `metrics` is a
+  `Registry.snapshot_delta()` merged into the master's totals, `leader` (maintenance) is a bool.
+
+Master -> http child messages, on the pipe whose read end is the http child's `feed_fd`:
+  every `FEED_INTERVAL` seconds (and right after the child starts) the whole state, so a lost
+  or dropped message never matters and the child only keeps the latest of each kind:
+  `{"kind": "metrics", "snapshot": <Registry.snapshot()>}` (load it into an empty registry) and
+  `{"kind": "health", "master_alive_at": <unix time>, "ready": bool, "stopping": bool,
+  "status": <the STATUS= line>, "children": {<name>: {"role", "queue", "pid", "booted",
+  "started_at", "busy", "concurrency", "leader", "restarts", "crash_looping"}}}` where `pid` is
+  null for a child waiting to be restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import math
+import os
+import selectors
+import signal
+import time
+from typing import Any
+
+from jobqd import config, db
+from jobqd import migrate as migrations
+from jobqd.backoff import Backoff
+from jobqd.children import HTTP, MAINTENANCE, WORKER, Child, ChildSpec, Feed, Restarts, specs_for
+from jobqd.errors import EXIT_BOOT_FAILED, EXIT_FAILURE, EXIT_OK, DatabaseUnavailable
+from jobqd.ipc import Sender
+from jobqd.observe import sdnotify
+from jobqd.observe.logs import setup_logging
+from jobqd.observe.metrics import Registry, define_jobqd_metrics
+from jobqd.observe.proctitle import set_title
+from jobqd.process import MASTER_SIGNALS, become_child, run_and_exit
+from jobqd.worker import EXIT_RECYCLE
+
+log = logging.getLogger("jobqd.master")
+
+QUIT_GRACE = 1.5
+"""After a drain's QUIT, how long children get to release their jobs before SIGKILL."""
+FAST_STOP_GRACE = 2.0
+"""After a fast stop's QUIT, how long children get before SIGKILL."""
+READY_TIMEOUT = 30.0
+"""READY=1 is sent at the latest this long after the children were started."""
+FEED_INTERVAL = 1.0
+MAX_WAIT = 5.0
+DATABASE_WAIT = Backoff(kind="exponential", base=1.0, cap=10.0, jitter=0.1)
+_FEED_PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def describe_exit(status: int, *, killed_by_us: bool = False) -> tuple[str, dict[str, Any]]:
+    """A wait status in words, and the log fields for it."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        text = f"killed by {name}"
+        if signum == signal.SIGKILL and not killed_by_us:
+            text += " (out of memory?)"
+        return text, {"signal": name}
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+    return f"exit status {code}", {"exit_status": code}
+
+
+class Supervisor:
+    """The master: `run()` returns the process exit code."""
+
+    def __init__(self, settings: config.Settings, *, config_path: str, migrate: bool) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.migrate = migrate
+        self.pid = os.getpid()
+        self.dsn = ""
+        self.specs: list[ChildSpec] = specs_for(settings)
+        self.children: dict[int, Child] = {}
+        self.restarts: dict[tuple[str, str | None, int], Restarts] = {}
+        self.registry = Registry()
+        self.metrics = define_jobqd_metrics(self.registry)
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._signals: list[int] = []
+        self._stopping: str | None = None  # None, "drain" or "fast"
+        self._exit_code = EXIT_OK
+        self._ready = False
+        self._ready_deadline = math.inf
+        self._worker_booted = False
+        self._status = ""
+        self._reload_failed = False
+        self._watchdog = sdnotify.watchdog_interval()
+        self._next_watchdog = 0.0
+        self._next_feed = 0.0
+
+    # -- signals --------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for signum in MASTER_SIGNALS:
+            signal.signal(signum, _record_signal)
+
+    def _take_signals(self) -> None:
+        try:
+            while data := os.read(self._wake_r, 4096):
+                self._signals.extend(data)
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        self._take_signals()
+        pending, self._signals = self._signals, []
+        for signum in pending:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if self._stopping is None:
+                    self._drain(signal.Signals(signum).name)
+                else:
+                    self._fast_stop(f"second {signal.Signals(signum).name}")
+            elif signum == signal.SIGQUIT:
+                self._fast_stop("SIGQUIT")
+            elif signum == signal.SIGHUP and self._stopping is None:
+                self._reload()
+
+    def _stop_requested(self) -> bool:
+        self._take_signals()
+        return any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) for s in self._signals)
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait up to `seconds` for a stop signal, keeping the watchdog fed; True if one came.
+        Used before the children exist, while waiting for the database."""
+        deadline = time.monotonic() + seconds
+        while not self._stop_requested():
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            self._notify(now)
+            self.selector.select(
+                min(deadline, self._next_watchdog if self._watchdog else deadline) - now
+            )
+        return True
+
+    # -- startup --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Prepare the database, start the children, supervise until stopped."""
+        self._install_signals()
+        set_title("master")
+        if not self._prepare_database():
+            log.info("stopped before the children were started")
+            return EXIT_OK
+        try:
+            return self._supervise()
+        except Exception:
+            log.critical("master failed; stopping every child fast", exc_info=True)
+            self._abort()
+            return EXIT_FAILURE
+
+    def _prepare_database(self) -> bool:
+        """Resolve the database and apply migrations; False if told to stop meanwhile. The
+        connection used is closed before this returns: no connection crosses a fork."""
+        database = self.settings.database
+        if database.is_embedded:
+            fresh = not os.path.exists(os.path.join(database.data_dir, "PG_VERSION"))
+            log.info(
+                "starting the embedded PostgreSQL in %s%s",
+                database.data_dir,
+                " (first start: creating it takes a few seconds)" if fresh else "",
+            )
+            sdnotify.notify("STATUS=starting the embedded PostgreSQL")
+        self.dsn = db.resolve_url(database.url, database.data_dir)
+        if not self.migrate:
+            log.info("not applying migrations (--no-migrate or database.migrate: false)")
+            return True
+        attempt = 0
+        while True:
+            try:
+                conn = db.connect(
+                    self.dsn, application_name="jobqd master migrate", statement_timeout_ms=None
+                )
+            except DatabaseUnavailable as exc:
+                attempt += 1
+                delay = DATABASE_WAIT.delay(attempt)
+                log.warning("waiting for the database: %s; retrying in %.0fs", exc, delay)
+                sdnotify.notify("STATUS=waiting for the database")
+                if self._sleep(delay):
+                    return False
+                continue
+            with conn:
+                todo = migrations.pending(conn, database.schema)
+                if todo:
+                    names = ", ".join(f"{m.version:04d}_{m.name}" for m in todo)
+                    log.info("migrating schema %s: %s", database.schema, names)
+                    sdnotify.notify("STATUS=migrating")
+                    migrations.migrate(conn, database.schema)
+                    log.info("migrations applied")
+                else:
+                    log.info("schema %s is up to date", database.schema)
+            return True
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _supervise(self) -> int:
+        self.metrics.up.set(1)
+        names = ", ".join(spec.name for spec in self.specs)
+        log.info("master started: %d children (%s)", len(self.specs), names)
+        self._ready_deadline = time.monotonic() + READY_TIMEOUT
+        self._converge(time.monotonic())
+        while not (self._stopping and not self.children):
+            ready = self.selector.select(self._wait(time.monotonic()))
+            self._handle_signals()
+            self._reap()
+            for key, _ in ready:
+                child = key.data
+                if child is not None and self.children.get(child.pid) is child:
+                    self._read(child)
+            now = time.monotonic()
+            self._enforce_deadlines(now)
+            if self._stopping is None:
+                self._converge(now)
+                self._check_boot_failure()
+                self._check_ready(now)
+            self._notify(now)
+            self._feed(now)
+        log.info("master stopped")
+        self.metrics.up.set(0)
+        return self._exit_code
+
+    def _wait(self, now: float) -> float:
+        deadlines = [now + MAX_WAIT]
+        if self._watchdog:
+            deadlines.append(self._next_watchdog)
+        if any(c.feed for c in self.children.values()):
+            deadlines.append(self._next_feed)
+        if not self._ready and self._stopping is None:
+            deadlines.append(self._ready_deadline)
+        for child in self.children.values():
+            if child.quit_at is not None and not child.quit_sent:
+                deadlines.append(child.quit_at)
+            if child.kill_at is not None and not child.killed:
+                deadlines.append(child.kill_at)
+        if self._stopping is None:
+            running = {c.spec for c in self.children.values() if c.stopping_since is None}
+            for spec in self.specs:
+                if spec not in running:
+                    deadlines.append(self._restarts(spec).next_start)
+        return max(0.0, min(deadlines) - now)
+
+    def _restarts(self, spec: ChildSpec) -> Restarts:
+        return self.restarts.setdefault(spec.ident, Restarts())
+
+    # -- children -------------------------------------------------------------------------
+
+    def _converge(self, now: float) -> None:
+        """Start every wanted child that has no process and whose restart delay is over."""
+        running = {c.spec for c in self.children.values() if c.stopping_since is None}
+        for spec in self.specs:
+            if spec not in running and now >= self._restarts(spec).next_start:
+                self._spawn(spec)
+
+    def _spawn(self, spec: ChildSpec) -> None:
+        read_fd, write_fd = os.pipe()
+        feed_read = feed_write = None
+        if spec.kind == HTTP:
+            feed_read, feed_write = os.pipe()
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(feed_write, _F_SETPIPE_SZ, _FEED_PIPE_SIZE)
+        signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+            for fd in (read_fd, write_fd, feed_read, feed_write):
+                if fd is not None:
+                    os.close(fd)
+            log.error("cannot fork %s: %s; trying again in 1s", spec.name, exc)
+            self._restarts(spec).next_start = time.monotonic() + 1.0
+            return
+        if pid == 0:
+            own_ends = [read_fd] if feed_write is None else [read_fd, feed_write]
+            run_and_exit(
+                lambda: self._child_main(spec, write_fd, feed_read, own_ends),
+                spec.name,
+                {"child": spec.name},
+            )
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        feed = None
+        if feed_read is not None and feed_write is not None:
+            os.close(feed_read)
+            os.set_blocking(feed_write, False)
+            feed = Feed(feed_write)
+        child = Child(spec, pid, read_fd, feed=feed)
+        if spec.kind == WORKER:
+            child.concurrency = self.settings.queues[spec.queue].concurrency
+        self.children[pid] = child
+        self.selector.register(read_fd, selectors.EVENT_READ, child)
+        log.info("started %s", spec.name, extra=child.fields())
+        if feed is not None:
+            self._next_feed = 0.0
+
+    def _child_main(
+        self, spec: ChildSpec, write_fd: int, feed_fd: int | None, master_ends: list[int]
+    ) -> int:
+        """Runs in the forked child: clean up what came from the master, then serve. The
+        master's ends of this child's own pipes are closed too, so that a dead master shows
+        as a broken pipe (and, for the http child, as the end of its feed)."""
+        inherited = [self._wake_r, self._wake_w, *master_ends]
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            inherited.append(self.selector.fileno())  # type: ignore[attr-defined]
+        for child in self.children.values():
+            inherited.append(child.fd)
+            if child.feed is not None:
+                inherited.append(child.feed.fd)
+        become_child(
+            master_pid=self.pid,
+            role=spec.kind,
+            title=spec.name,
+            close_fds=inherited,
+            log_format=self.settings.log.format,
+            log_level=self.settings.log.level,
+        )
+        self.registry.reset()
+        sender = Sender(write_fd)
+        settings = self.settings
+        if spec.kind == WORKER:
+            from jobqd.worker import WorkerConfig
+            from jobqd.worker import serve as serve_worker
+
+            assert spec.queue is not None
+            worker_config = WorkerConfig.from_settings(self.dsn, settings, spec.queue, spec.slot)
+            return serve_worker(
+                worker_config,
+                imports=settings.imports,
+                commands=settings.tasks,
+                sender=sender,
+                parent_pid=self.pid,
+                on_title=set_title,
+            )
+        if spec.kind == MAINTENANCE:
+            from jobqd import maintenance
+
+            return maintenance.serve(
+                settings, self.dsn, sender=sender, parent_pid=self.pid, on_title=set_title
+            )
+        from jobqd.observe import http
+
+        assert feed_fd is not None
+        return http.serve(
+            settings,
+            self.dsn,
+            feed_fd=feed_fd,
+            sender=sender,
+            parent_pid=self.pid,
+            on_title=set_title,
+        )
+
+    def _read(self, child: Child) -> None:
+        """Handle what `child` sent, up to the end of what is available."""
+        while child.listening:
+            messages, still_open = child.receiver.read()
+            for message in messages:
+                self._message(child, message)
+            if not still_open:  # closed before the child exited: stop watching it
+                self.selector.unregister(child.fd)
+                child.listening = False
+            if not messages:
+                return
+
+    def _message(self, child: Child, message: dict[str, Any]) -> None:
+        kind = message.get("kind")
+        if kind == "booted" and not child.booted:
+            child.booted_at = time.monotonic()
+            process_id = message.get("process_id")
+            child.process_id = process_id if isinstance(process_id, int) else None
+            self._restarts(child.spec).booted()
+            if child.spec.kind == WORKER:
+                self._worker_booted = True
+            log.info("%s booted", child.spec.name, extra=child.fields())
+        elif kind == "status":
+            if isinstance(message.get("busy"), int):
+                child.busy = message["busy"]
+            if isinstance(message.get("concurrency"), int):
+                child.concurrency = message["concurrency"]
+            if isinstance(message.get("leader"), bool):
+                child.leader = message["leader"]
+        delta = message.get("metrics")
+        if isinstance(delta, dict):
+            self.registry.merge(delta, source=child.source)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                log.debug("reaped process %d, not one of ours", pid)
+                continue
+            self._exited(child, status)
+
+    def _exited(self, child: Child, status: int) -> None:
+        self._read(child)  # its last words: final metrics
+        if child.listening:
+            self.selector.unregister(child.fd)
+        child.close()
+        self.registry.forget(child.source)
+        how, fields = describe_exit(status, killed_by_us=child.killed)
+        fields.update(child.fields())
+        if child.stopping_since is not None or self._stopping is not None:
+            log.info("%s exited: %s", child.spec.name, how, extra=fields)
+            return
+        now = time.monotonic()
+        restarts = self._restarts(child.spec)
+        if child.booted and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RECYCLE:
+            log.info("%s recycled itself; starting a new one", child.spec.name, extra=fields)
+            restarts.next_start = now
+            return
+        was_looping = restarts.crash_looping
+        delay = restarts.exited(child, now)
+        restarts.total += 1
+        self.metrics.child_restarts.inc(child.spec.kind)
+        if restarts.crash_looping and not was_looping:
+            log.error(
+                "%s is crash-looping: it exited %d times in a row before it booted (last: %s); "
+                "the other children keep running and it is retried every %.0fs: fix the error "
+                "logged above",
+                child.spec.name,
+                restarts.boot_failures,
+                how,
+                delay,
+                extra=fields,
+            )
+        else:
+            log.error(
+                "%s exited unexpectedly: %s; restarting in %.1fs",
+                child.spec.name,
+                how,
+                delay,
+                extra=fields,
+            )
+
+    def _check_boot_failure(self) -> None:
+        """When no worker has ever booted and every worker spec crash-loops, the code or its
+        environment is broken: stop with EXIT_BOOT_FAILED so systemd shows a failed unit."""
+        workers = [s for s in self.specs if s.kind == WORKER]
+        if self._worker_booted or not workers:
+            return
+        if all(self._restarts(s).crash_looping for s in workers):
+            log.critical(
+                "no worker process could boot (see the errors above); stopping with exit status %d",
+                EXIT_BOOT_FAILED,
+            )
+            self._exit_code = EXIT_BOOT_FAILED
+            self._fast_stop("no worker could boot")
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def _stop_child(self, child: Child, now: float, timeout: float) -> None:
+        """Ask `child` to drain: TERM now, QUIT after `timeout`, SIGKILL QUIT_GRACE later."""
+        if child.stopping_since is not None:
+            return
+        child.stopping_since = now
+        child.quit_at = now + timeout
+        child.kill_at = child.quit_at + QUIT_GRACE
+        child.signal(signal.SIGTERM)
+
+    def _drain(self, reason: str) -> None:
+        self._stopping = "drain"
+        timeout = self.settings.shutdown_timeout
+        log.info(
+            "%s: draining; running jobs may finish for up to %.1fs, then they are released",
+            reason,
+            timeout,
+        )
+        sdnotify.notify("STOPPING=1", "STATUS=draining")
+        now = time.monotonic()
+        for child in self.children.values():
+            self._stop_child(child, now, timeout)
+
+    def _fast_stop(self, reason: str) -> None:
+        if self._stopping is None:
+            sdnotify.notify("STOPPING=1", "STATUS=stopping")
+        self._stopping = "fast"
+        log.warning("%s: stopping fast; running jobs are released to their queues", reason)
+        now = time.monotonic()
+        for child in self.children.values():
+            child.stopping_since = child.stopping_since or now
+            child.quit_at = now
+            child.kill_at = min(child.kill_at or math.inf, now + FAST_STOP_GRACE)
+        self._enforce_deadlines(now)
+
+    def _enforce_deadlines(self, now: float) -> None:
+        for child in self.children.values():
+            if child.quit_at is not None and now >= child.quit_at and not child.quit_sent:
+                child.quit_sent = True
+                if self._stopping != "fast":
+                    log.warning(
+                        "%s still running after the shutdown timeout; telling it to release "
+                        "its jobs and exit",
+                        child.spec.name,
+                        extra=child.fields(),
+                    )
+                child.signal(signal.SIGQUIT)
+            if child.kill_at is not None and now >= child.kill_at and not child.killed:
+                child.killed = True
+                log.warning(
+                    "%s did not exit in time; killing it", child.spec.name, extra=child.fields()
+                )
+                child.signal(signal.SIGKILL)
+
+    def _abort(self) -> None:
+        """Last resort after a bug in the loop: QUIT every child, SIGKILL what is left."""
+        deadline = time.monotonic() + FAST_STOP_GRACE
+        for child in self.children.values():
+            child.signal(signal.SIGQUIT)
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                self.children.pop(pid, None)
+            else:
+                time.sleep(0.05)
+        for child in self.children.values():
+            child.signal(signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child.pid, 0)
+
+    # -- reload ---------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        sdnotify.reloading()
+        log.info("reloading %s", self.config_path)
+        try:
+            new = config.load(self.config_path)
+        except config.ConfigError as exc:
+            for error in exc.errors:
+                log.error("reload: %s", error)
+            log.error(
+                "reload failed: %s has %d error(s); still running on the previous configuration",
+                self.config_path,
+                len(exc.errors),
+            )
+            self._reload_failed = True
+            self._status = self.status_line()
+            sdnotify.notify("READY=1", f"STATUS={self._status}")
+            return
+        self._reload_failed = False
+        old = self.settings
+        if new.database != old.database:
+            log.warning("database settings changed: they take effect at the next restart")
+            new = dataclasses.replace(new, database=old.database)
+        if new.log != old.log:
+            setup_logging(new.log.format, new.log.level, role="master")
+        wanted = {spec.ident: spec for spec in specs_for(new)}
+        current = {spec.ident: spec for spec in self.specs}
+        changes: dict[str, list[str]] = {"replaced": [], "started": [], "retired": []}
+        for ident, spec in current.items():
+            if ident not in wanted:
+                changes["retired"].append(spec.name)
+            elif wanted[ident] != spec:
+                changes["replaced"].append(spec.name)
+        changes["started"] = [spec.name for ident, spec in wanted.items() if ident not in current]
+        now = time.monotonic()
+        for child in list(self.children.values()):
+            if child.stopping_since is None and wanted.get(child.spec.ident) != child.spec:
+                log.info("stopping %s: its settings changed", child.spec.name, extra=child.fields())
+                self._stop_child(child, now, old.shutdown_timeout)
+        for ident, spec in wanted.items():
+            if current.get(ident) != spec:
+                self.restarts[ident] = Restarts()
+        for ident in set(self.restarts) - set(wanted):
+            del self.restarts[ident]
+        self.settings, self.specs = new, list(wanted.values())
+        self._converge(now)
+        unchanged = len(wanted) - len(changes["replaced"]) - len(changes["started"])
+        log.info(
+            "reloaded: %d replaced, %d started, %d retired, %d unchanged",
+            len(changes["replaced"]),
+            len(changes["started"]),
+            len(changes["retired"]),
+            unchanged,
+            extra=changes,
+        )
+        self._status = self.status_line()
+        sdnotify.notify("READY=1", f"STATUS={self._status}")
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def _check_ready(self, now: float) -> None:
+        if self._ready:
+            return
+        running = {c.spec for c in self.children.values() if c.booted}
+        settled = all(spec in running or self._restarts(spec).crash_looping for spec in self.specs)
+        if not settled and now < self._ready_deadline:
+            return
+        self._ready = True
+        self._status = self.status_line()
+        sdnotify.notify("READY=1", f"STATUS={self._status}")
+        if settled:
+            log.info("ready: %s", self._status)
+        else:
+            waiting = ", ".join(s.name for s in self.specs if s not in running)
+            log.warning("ready, but still waiting for %s to boot: %s", waiting, self._status)
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: workers, busy slots, leadership, restarts."""
+        live = [c for c in self.children.values() if c.stopping_since is None]
+        workers = [c for c in live if c.spec.kind == WORKER]
+        if self._stopping:
+            return f"{'draining' if self._stopping == 'drain' else 'stopping'}: " + (
+                f"{len(self.children)} children left"
+            )
+        leader = any(c.leader for c in live if c.spec.kind == MAINTENANCE)
+        busy = sum(c.busy for c in workers)
+        slots = sum(c.concurrency for c in workers)
+        restarts = sum(r.total for r in self.restarts.values())
+        line = (
+            f"{len(workers)} worker{'' if len(workers) == 1 else 's'}, {busy}/{slots} slots busy, "
+            f"leader: {'yes' if leader else 'no'}, {restarts} restarts"
+        )
+        looping = [s.name for s in self.specs if self._restarts(s).crash_looping]
+        if looping:
+            line += f"; crash loop: {', '.join(looping)}"
+        if self._reload_failed:
+            line += "; last reload failed, running on the previous configuration"
+        return line
+
+    def _notify(self, now: float) -> None:
+        if self._ready:
+            status = self.status_line()
+            if status != self._status:
+                self._status = status
+                sdnotify.notify(f"STATUS={status}")
+        if self._watchdog and now >= self._next_watchdog:
+            sdnotify.notify("WATCHDOG=1")
+            self._next_watchdog = now + self._watchdog
+
+    def health(self) -> dict[str, Any]:
+        """The `health` message for the http child (see the module docstring)."""
+        children: dict[str, Any] = {}
+        by_spec = {c.spec: c for c in self.children.values() if c.stopping_since is None}
+        for spec in self.specs:
+            child = by_spec.get(spec)
+            restarts = self._restarts(spec)
+            children[spec.name] = {
+                "role": spec.kind,
+                "queue": spec.queue,
+                "pid": child.pid if child else None,
+                "booted": bool(child and child.booted),
+                "started_at": child.started_wall if child else None,
+                "busy": child.busy if child else 0,
+                "concurrency": child.concurrency if child else 0,
+                "leader": child.leader if child else None,
+                "restarts": restarts.total,
+                "crash_looping": restarts.crash_looping,
+            }
+        return {
+            "kind": "health",
+            "children": children,
+            "master_alive_at": time.time(),
+            "ready": self._ready,
+            "stopping": self._stopping is not None,
+            "status": self.status_line(),
+        }
+
+    def _feed(self, now: float) -> None:
+        feeds = [c.feed for c in self.children.values() if c.feed is not None]
+        if not feeds:
+            return
+        if now < self._next_feed:
+            for feed in feeds:
+                feed.flush()
+            return
+        self._next_feed = now + FEED_INTERVAL
+        metrics = {"kind": "metrics", "snapshot": self.registry.snapshot()}
+        health = self.health()
+        for feed in feeds:
+            feed.send(metrics, health)
+
+
+def _record_signal(signum: int, frame: object) -> None:
+    """Nothing to do: the signal number reaches the loop through the wake-up fd."""
