@@ -1,0 +1,51 @@
+"""Priority aging: queued jobs of a queue with `aging:` settings move forward in the claim
+order the longer they wait, so a steady stream of urgent work cannot starve the rest.
+
+A job that has waited `after` past its run_at gets its priority lowered (a lower number is
+claimed first) by `step`, and by `step` again for every further `every`, but not below
+`floor`. The target is computed from the priority the job was enqueued with (kept in
+`jobs.base_priority`), so it does not matter how often the pass runs or who runs it.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from jobqd.config import Settings
+from jobqd.sql import queries
+
+MAX_BATCHES = 20
+
+
+def run_once(conn: psycopg.Connection, settings: Settings, *, batch: int = 1000) -> dict[str, int]:
+    """One aging pass over every queue with aging configured; returns jobs moved per queue."""
+    sql = queries(settings.database.schema)
+    moved: dict[str, int] = {}
+    for queue, queue_settings in settings.queues.items():
+        aging = queue_settings.aging
+        if aging is None:
+            continue
+        params = {
+            "queue": queue,
+            "after": aging.after,
+            "every": aging.every,
+            "step": aging.step,
+            "floor": aging.floor,
+            "batch": batch,
+        }
+        total = 0
+        for _ in range(MAX_BATCHES):
+            count = conn.execute(sql.age_priorities, params).rowcount
+            total += count
+            if count < batch:
+                break
+        if total:
+            moved[queue] = total
+    return moved
+
+
+def interval(settings: Settings) -> float | None:
+    """How often aging needs to run: its finest `every`, between 1 s and 60 s; None when no
+    queue ages."""
+    everies = [q.aging.every for q in settings.queues.values() if q.aging is not None]
+    return min(60.0, max(1.0, min(everies))) if everies else None

@@ -1,0 +1,297 @@
+"""The leader lock: a session-level advisory lock on a dedicated, direct connection.
+
+Whoever holds the lock is the leader. The session that holds it is also the only one the
+leader writes with, so a write can succeed only while the lock is held: if the session is
+gone the write fails, and if it exists the lock is still there. Liveness is bounded at both
+ends of a network partition: the server drops the session (freeing the lock) after TCP
+keepalives and `tcp_user_timeout` give up, and the old leader stops trusting its leadership
+sooner, when it has not verified the lock for `TRUST_WINDOW` seconds. A statement can also
+hang without any TCP error, behind a middlebox that keeps acknowledging while nothing gets
+through: a watchdog thread then shuts the session's socket down, so the statement fails and
+the leader steps down.
+
+Session advisory locks need a session that stays on one server backend; a pooler that hands
+the backend to other clients between transactions (pgbouncer in transaction or statement mode)
+breaks that, so it is detected and refused (see docs/pgbouncer.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from jobqd.db import connect
+from jobqd.errors import DatabaseUnavailable, JobqdError
+from jobqd.migrate import lock_key
+from jobqd.sql import queries
+
+log = logging.getLogger("jobqd.leader")
+
+# Server side: Postgres drops a silent client's session, and so frees the lock, after about
+# idle + interval * count = 11 s, or 10 s of unacknowledged data, whichever comes first.
+SERVER_OPTIONS = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+    "jit": "off",  # short statements only: compiling them costs more than it saves
+}
+# Client side: a statement waiting on a dead server fails after about 7 s.
+CLIENT_PARAMS = {
+    "keepalives": "1",
+    "keepalives_idle": "3",
+    "keepalives_interval": "2",
+    "keepalives_count": "2",
+    "tcp_user_timeout": "6000",
+}
+# A leader that has not verified its lock for this long stops acting as leader, and no round
+# of statements on the session may take longer: shorter than the server's 10-11 s, so a
+# partitioned leader has stopped before anyone else can start.
+TRUST_WINDOW = 8.0
+_WATCH_INTERVAL = 0.5
+LOCK_STATEMENT_TIMEOUT = 10.0
+_IDLE_IN_TRANSACTION_MS = 60_000
+
+
+class LeadershipLost(JobqdError):
+    """The lock is no longer (provably) held: step down."""
+
+
+class PoolerDetected(JobqdError):
+    """The connection goes through a pooler that multiplexes sessions: no leader lock."""
+
+
+def _where(dsn: str) -> str:
+    params = conninfo_to_dict(dsn)
+    return f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+
+
+def pooler_message(dsn: str, evidence: str) -> str:
+    return (
+        f"the leader lock needs a direct session to PostgreSQL, but {_where(dsn)} {evidence}: "
+        "this "
+        "looks like a connection pooler such as pgbouncer in transaction or statement mode, "
+        "where a session advisory lock stays on a server connection that other clients then "
+        "use. Point database.url at PostgreSQL itself or at a pgbouncer pool with "
+        "pool_mode = session (see docs/pgbouncer.md)"
+    )
+
+
+def _key_parts(key: int) -> dict[str, int]:
+    """A bigint advisory key as pg_locks shows it: high and low 32 bits, unsigned."""
+    return {"classid": (key >> 32) & 0xFFFFFFFF, "objid": key & 0xFFFFFFFF}
+
+
+def ensure_direct(dsn: str, *, application_name: str) -> None:
+    """Refuse a DSN whose sessions do not keep their own backend.
+
+    Two client sessions never share a backend when connected directly (or through a pooler in
+    session mode). A transaction-mode pooler gives the backend one client just released to the
+    next client, and gives a client another backend while its previous one is busy, so one of
+    the two comparisons below differs.
+    """
+    try:
+        with (
+            connect(dsn, application_name=application_name) as first,
+            connect(dsn, application_name=application_name) as second,
+        ):
+            before = _backend_pid(first)
+            with second.transaction():
+                other = _backend_pid(second)
+                after = _backend_pid(first)
+    except DatabaseUnavailable as exc:
+        if "unsupported startup parameter" in str(exc):
+            raise PoolerDetected(
+                f"cannot connect through {_where(dsn)}: it refused the 'options' startup "
+                "parameter that jobqd sends with every session, as pgbouncer does. Connect "
+                "jobqd to PostgreSQL directly, or through a pgbouncer pool with pool_mode = "
+                "session and ignore_startup_parameters = options (see docs/pgbouncer.md)"
+            ) from exc
+        raise
+    if other == before or after != before:
+        raise PoolerDetected(pooler_message(dsn, "moved sessions between server backends"))
+
+
+def _backend_pid(conn: psycopg.Connection) -> int:
+    row = conn.execute(queries().backend_pid).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def current_leader(conn: psycopg.Connection, schema: str) -> dict[str, Any] | None:
+    """The maintenance process holding the leader lock now (host, pid, ...), or None.
+
+    Read from the lock itself (pg_locks), so a stale `processes` row cannot claim to lead.
+    """
+    key = lock_key(schema, "leader")
+    cur = conn.execute(queries(schema).current_leader, _key_parts(key))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    names = [column.name for column in cur.description or ()]
+    return dict(zip(names, row, strict=True))
+
+
+class LeaderSession:
+    """The dedicated session that tries for, holds and proves the leader lock."""
+
+    def __init__(
+        self,
+        dsn: str,
+        schema: str,
+        *,
+        application_name: str,
+        statement_timeout: float = LOCK_STATEMENT_TIMEOUT,
+    ) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.application_name = application_name
+        self.statement_timeout = min(statement_timeout, LOCK_STATEMENT_TIMEOUT)
+        self.sql = queries(schema)
+        self.key = lock_key(schema, "leader")
+        self._key_parts = _key_parts(self.key)
+        self.conn: psycopg.Connection | None = None
+        self.backend_pid: int | None = None
+        self.held = False
+        self.verified_at = float("-inf")
+        self._busy_since: float | None = None
+        self._closing = threading.Lock()  # the watchdog never touches a closed socket
+        self._watchdog: threading.Thread | None = None
+        self._warned_options = False
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and not self.conn.closed
+
+    def open(self) -> psycopg.Connection:
+        """Connect if not connected; the connection carries the keepalive settings."""
+        if self.conn is not None and not self.conn.closed:
+            return self.conn
+        self.close()
+        conninfo = make_conninfo(self.dsn, **CLIENT_PARAMS)
+        conn = connect(
+            conninfo,
+            application_name=self.application_name,
+            statement_timeout_ms=int(self.statement_timeout * 1000),
+            idle_in_transaction_timeout_ms=_IDLE_IN_TRANSACTION_MS,
+            extra_options=SERVER_OPTIONS,
+        )
+        conn.prepare_threshold = None  # no server-side prepared statements on this session
+        try:
+            row = conn.execute(self.sql.leader_session_settings).fetchone()
+            assert row is not None
+            if row[0] != str(_IDLE_IN_TRANSACTION_MS):
+                self._set_options(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+        self.backend_pid = int(row[1])
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+            self._watchdog.start()
+        return conn
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Mark a round of statements on the session; the watchdog ends a round that takes
+        longer than TRUST_WINDOW by shutting the socket down, which fails the statement."""
+        self._busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy_since = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(_WATCH_INTERVAL)
+            since = self._busy_since
+            if since is None or time.monotonic() - since < TRUST_WINDOW:
+                continue
+            with self._closing:
+                if self.conn is not None and not self.conn.closed:
+                    _shut_down(self.conn.pgconn.socket)
+
+    def _set_options(self, conn: psycopg.Connection) -> None:
+        """A pooler in session mode (pgbouncer) drops the options sent at connect: set them
+        on the session instead, which it keeps."""
+        if not self._warned_options:
+            log.warning(
+                "the database session did not get the options jobqd connects with (a pooler "
+                "in session mode?); setting them on the session instead"
+            )
+            self._warned_options = True
+        settings = {
+            "statement_timeout": str(int(self.statement_timeout * 1000)),
+            "idle_in_transaction_session_timeout": str(_IDLE_IN_TRANSACTION_MS),
+            **SERVER_OPTIONS,
+        }
+        for name, value in settings.items():
+            conn.execute(self.sql.set_session_option, {"name": name, "value": value})
+
+    def try_acquire(self) -> bool:
+        """One non-blocking try for the lock; True when this session now holds it."""
+        conn = self.open()
+        row = conn.execute(self.sql.leader_try_lock, {"key": self.key}).fetchone()
+        assert row is not None
+        if not row[0]:
+            return False
+        self.held = True
+        self.backend_pid = int(row[1])
+        self.verify()
+        return True
+
+    def verify(self) -> datetime:
+        """Prove the lock is still held by this session's backend; returns the database time.
+
+        Raises LeadershipLost, or PoolerDetected when the session moved to another backend.
+        """
+        if not self.held or self.conn is None or self.conn.closed:
+            raise LeadershipLost("the leader session is closed")
+        row = self.conn.execute(self.sql.leader_verify, self._key_parts).fetchone()
+        assert row is not None
+        backend_pid, held, now = row
+        if backend_pid != self.backend_pid:
+            self.held = False
+            raise PoolerDetected(
+                pooler_message(
+                    self.dsn,
+                    f"answered from backend {backend_pid} after the lock was taken on "
+                    f"backend {self.backend_pid}",
+                )
+            )
+        if not held:
+            self.held = False
+            raise LeadershipLost("the leader lock is no longer held by this session")
+        self.verified_at = time.monotonic()
+        return now
+
+    def trusted(self) -> bool:
+        """Held and verified recently enough to act as leader."""
+        return self.held and time.monotonic() - self.verified_at < TRUST_WINDOW
+
+    def close(self) -> None:
+        """End the session; the server frees the lock with it."""
+        self.held = False
+        self.verified_at = float("-inf")
+        with self._closing:
+            if self.conn is not None:
+                conn, self.conn = self.conn, None
+                conn.close()
+
+
+def _shut_down(fd: int) -> None:
+    """Shut a socket down under libpq's feet: its pending and next calls fail at once. The fd
+    stays open (libpq closes it), so no other file can take its number meanwhile."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,348 @@
+"""The maintenance process: competes for leadership and, while leader, runs the duties.
+
+Every node runs one. A standby tries for the leader lock every `maintenance.standby_retry`
+(with jitter). The leader ticks every `maintenance.interval`, or sooner when a cron tick is
+due: it first proves it still holds the lock, then fires due cron ticks and, each on its own
+cadence, runs the reaper, the pruner, priority aging and the queue gauges, all on the session
+that holds the lock (jobqd.leader). Any error on that session, or a verification older than
+the trust window, makes it step down at once: it closes the session, which frees the lock,
+and becomes a standby. The loop is one thread sleeping on a wake-up pipe that signals write to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from jobqd import cron, reaper
+from jobqd.config import Settings
+from jobqd.duties import aging, retention
+from jobqd.duties.stats import QueueGauges
+from jobqd.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, DatabaseUnavailable
+from jobqd.ipc import Sender
+from jobqd.leader import LeaderSession, LeadershipLost, PoolerDetected, ensure_direct
+from jobqd.observe.metrics import Registry, define_jobqd_metrics
+from jobqd.sql import queries
+
+log = logging.getLogger("jobqd.maintenance")
+
+STATUS_INTERVAL = 1.0
+STATS_INTERVAL = 5.0
+PRUNE_INTERVAL = 30.0
+PRUNE_BUDGET = 0.5  # seconds of pruning per tick, so cron ticks are never held up for long
+PRUNE_BACKLOG_INTERVAL = 1.0  # a pass that used its whole budget continues this soon
+_WAKE_EARLY = 0.005  # aim this far past a cron tick, so the database clock has reached it
+
+
+class _Stop(Exception):
+    """Leave the main loop."""
+
+
+class Maintenance:
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        *,
+        sender: Sender | None = None,
+        parent_pid: int | None = None,
+        on_title: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.sender = sender
+        self.parent_pid = parent_pid
+        self.on_title = on_title or (lambda title: None)
+        self.sql = queries(settings.database.schema)
+        self.registry = Registry()
+        self.metrics = define_jobqd_metrics(self.registry)
+        self.gauges = QueueGauges(self.metrics)
+        name = f"{settings.database.application_name} maintenance {socket.gethostname()}"
+        self.session = LeaderSession(
+            dsn,
+            settings.database.schema,
+            application_name=f"{name}:{os.getpid()}",
+            statement_timeout=settings.database.statement_timeout,
+        )
+        self.leader = False
+        self.process_id: int | None = None
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        now = time.monotonic()
+        self._next_try = now
+        self._next_tick = now
+        self._next_reap = now
+        self._next_prune = now
+        self._next_aging = now
+        self._next_stats = now
+        self._next_heartbeat = now
+        self._next_status = now
+        self._aging_interval = aging.interval(settings)
+        self._heartbeat_interval = min(5.0, settings.reaper.process_grace / 3)
+        self._last_db_error = ""
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGQUIT, self._on_stop)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master coordinates Ctrl-C
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self._stopping = True
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    # -- life -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped; returns the exit code."""
+        try:
+            self._boot()
+        except PoolerDetected as exc:
+            log.error("refusing to run leader election: %s", exc)
+            return EXIT_CONFIG
+        except DatabaseUnavailable as exc:
+            log.error("%s", exc)
+            return EXIT_UNREACHABLE
+        try:
+            self._loop()
+        except PoolerDetected as exc:
+            log.error("refusing to run leader election: %s", exc)
+            return EXIT_CONFIG
+        finally:
+            self._shutdown()
+        return EXIT_OK
+
+    def _boot(self) -> None:
+        ensure_direct(self.dsn, application_name=self.session.application_name + " probe")
+        self.session.open()
+        self._register()
+        self.on_title("maintenance standby")
+        log.info("maintenance started as standby (process %s)", self.process_id)
+        if self.sender is not None:
+            self._send("booted", role="maintenance", process_id=self.process_id)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("master is gone; stopping")
+                return
+            now = time.monotonic()
+            try:
+                with self.session.busy():
+                    if self.leader and now >= self._next_tick:
+                        self._tick()
+                    elif not self.leader and now >= self._next_try:
+                        self._next_try = now + self._standby_retry()
+                        self._try_to_lead()
+                    if time.monotonic() >= self._next_heartbeat:
+                        self._heartbeat()
+            except PoolerDetected:
+                raise
+            except (psycopg.Error, DatabaseUnavailable, LeadershipLost) as exc:
+                self._lost(exc)
+            if time.monotonic() >= self._next_status:
+                self._report()
+            self._sleep()
+
+    def _sleep(self) -> None:
+        deadlines = [self._next_heartbeat, self._next_status]
+        deadlines.append(self._next_tick if self.leader else self._next_try)
+        timeout = max(0.0, min(deadlines) - time.monotonic())
+        with contextlib.suppress(InterruptedError):
+            ready, _, _ = select.select([self._wake_r], [], [], timeout)
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+
+    def _standby_retry(self) -> float:
+        retry = self.settings.maintenance.standby_retry
+        return retry * random.uniform(0.8, 1.2)
+
+    # -- leadership -------------------------------------------------------------------------
+
+    def _try_to_lead(self) -> None:
+        if not self.session.connected:
+            self.session.open()
+            self._last_db_error = ""
+        if not self.session.try_acquire():
+            return
+        self.leader = True
+        log.info(
+            "became the leader (lock session backend %s); running cron, reaper, pruning, aging",
+            self.session.backend_pid,
+        )
+        self.on_title("maintenance leader")
+        self.metrics.leader.set(1)
+        now = time.monotonic()
+        self._next_tick = self._next_reap = self._next_stats = self._next_aging = now
+        self._next_prune = now + 5.0  # cron and the reaper first
+        self._heartbeat()
+        if retention.sync_settings(self.session.conn, self.settings):  # type: ignore[arg-type]
+            log.info("cluster settings updated from this node's config")
+        self._report()
+
+    def _step_down(self, reason: str) -> None:
+        was_leader, self.leader = self.leader, False
+        self.session.close()
+        self.metrics.leader.set(0)
+        self.gauges.clear()
+        if was_leader:
+            log.warning("stepped down as leader: %s", reason)
+            self.on_title("maintenance standby")
+            self._report()
+        self._next_try = time.monotonic() + self._standby_retry()
+        self._next_heartbeat = time.monotonic()
+
+    def _lost(self, exc: BaseException) -> None:
+        """A database error: as leader, step down; as standby, reconnect at the next try."""
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, psycopg.OperationalError):
+            message = f"database session lost: {message}"
+        if self.leader:
+            self._step_down(message)
+        else:
+            if message != self._last_db_error:
+                log.warning("standby: %s; retrying", message)
+            self._last_db_error = message
+            self.session.close()
+            self._next_heartbeat = self._next_try
+
+    def _ensure_trusted(self) -> None:
+        if not self.session.trusted():
+            raise LeadershipLost("the leader lock was not verified recently enough")
+
+    # -- the leader's tick ------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        self.session.verify()
+        conn = self.session.conn
+        assert conn is not None
+        now = time.monotonic()
+        settings = self.settings
+        self._next_tick = now + settings.maintenance.interval
+        fired = cron.run_once(conn, settings, metrics=self.metrics)
+        if fired.next_tick is not None and fired.now is not None:
+            wait = (fired.next_tick - fired.now).total_seconds() + _WAKE_EARLY
+            self._next_tick = min(self._next_tick, now + max(0.0, wait))
+        if now >= self._next_reap:
+            self._ensure_trusted()
+            reaper.run_once(conn, settings, metrics=self.metrics)
+            self._next_reap = now + settings.reaper.interval
+        if now >= self._next_prune:
+            self._ensure_trusted()
+            started = time.monotonic()
+            deleted = retention.prune(conn, settings, budget=PRUNE_BUDGET)
+            if any(deleted.values()):
+                log.info("pruned %s", ", ".join(f"{n} {kind}" for kind, n in deleted.items() if n))
+            backlog = time.monotonic() - started >= PRUNE_BUDGET
+            self._next_prune = now + (PRUNE_BACKLOG_INTERVAL if backlog else PRUNE_INTERVAL)
+        if self._aging_interval is not None and now >= self._next_aging:
+            self._ensure_trusted()
+            moved = aging.run_once(conn, settings)
+            if moved:
+                log.info(
+                    "aged %s", ", ".join(f"{n} job(s) of {queue}" for queue, n in moved.items())
+                )
+            self._next_aging = now + self._aging_interval
+        if now >= self._next_stats:
+            self._ensure_trusted()
+            self.gauges.update(conn, settings)
+            self._next_stats = now + STATS_INTERVAL
+
+    # -- registration, heartbeat, status ----------------------------------------------------
+
+    def _metadata(self) -> str:
+        return json.dumps({"leader": self.leader, "backend_pid": self.session.backend_pid})
+
+    def _register(self) -> None:
+        conn = self.session.open()
+        row = conn.execute(
+            self.sql.register_process,
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "role": "maintenance",
+                "queue": None,
+                "metadata": self._metadata(),
+            },
+        ).fetchone()
+        assert row is not None
+        self.process_id = int(row[0])
+
+    def _heartbeat(self) -> None:
+        self._next_heartbeat = time.monotonic() + self._heartbeat_interval
+        conn = self.session.open()
+        alive = conn.execute(
+            self.sql.heartbeat_idle, {"process_id": self.process_id, "metadata": self._metadata()}
+        ).fetchone()
+        if alive is None:
+            log.warning("process row was removed (reaped?); registering again")
+            self._register()
+
+    def _report(self) -> None:
+        self._next_status = time.monotonic() + STATUS_INTERVAL
+        self.metrics.leader.set(1 if self.leader else 0)
+        if self.sender is not None:
+            self._send("status", leader=self.leader, metrics=self.registry.snapshot_delta())
+
+    def _send(self, kind: str, **fields: Any) -> None:
+        assert self.sender is not None
+        try:
+            self.sender.send(kind, **fields)
+        except OSError:
+            log.warning("master pipe closed; stopping")
+            self._stopping = True
+
+    def _shutdown(self) -> None:
+        if self.leader:
+            log.info("stepping down as leader: shutting down")
+        self.leader = False
+        self.gauges.clear()
+        if self.process_id is not None and self.session.connected:
+            with contextlib.suppress(psycopg.Error):
+                self.session.open().execute(
+                    self.sql.deregister_process, {"process_id": self.process_id}
+                )
+        self.session.close()
+        self._report()
+        log.info("maintenance stopped")
+
+
+def serve(
+    settings: Settings,
+    dsn: str,
+    *,
+    sender: Sender | None = None,
+    parent_pid: int | None = None,
+    on_title: Callable[[str], None] | None = None,
+) -> int:
+    """Everything the maintenance process does after it exists: handle signals (TERM and QUIT
+    stop it, INT and HUP are the master's), compete for leadership, run the duties as leader.
+    Returns the exit code: 0 when stopped, EXIT_CONFIG behind a session-multiplexing pooler,
+    EXIT_UNREACHABLE when the database cannot be reached at start."""
+    maintenance = Maintenance(
+        settings, dsn, sender=sender, parent_pid=parent_pid, on_title=on_title
+    )
+    maintenance.install_signals()
+    return maintenance.run()

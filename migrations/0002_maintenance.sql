@@ -1,0 +1,28 @@
+-- jobqd schema, version 2: what the leader's duties need beyond version 1.
+
+-- Priority aging lowers `priority` (the claim order column) step by step; `base_priority`
+-- keeps the priority the job was enqueued with, so each aging pass computes the target from
+-- the original and the wait so far, whatever the passes' frequency or a leader change.
+-- NULL until the job is first aged.
+ALTER TABLE jobs ADD COLUMN base_priority integer;
+
+-- When the leader first saw a cron entry: an entry that never fired is due from here, so a
+-- tick that falls between one leader seeing the entry and the next leader taking over is
+-- not lost, and a new entry does not fire ticks from before it existed.
+ALTER TABLE cron ADD COLUMN created_at timestamptz NOT NULL DEFAULT now();
+
+-- A tick enqueued by hand (`jobqctl cron run NAME`) rather than by the schedule.
+ALTER TABLE cron_ticks ADD COLUMN manual boolean NOT NULL DEFAULT false;
+
+-- The pruner deletes old ticks without scanning the whole table.
+CREATE INDEX cron_ticks_tick ON cron_ticks (tick);
+
+-- The leader counts dead jobs per queue every few seconds (the jobqd_queue_jobs gauge). Only
+-- rows that end dead get an entry, so the hot path does not pay for it.
+CREATE INDEX jobs_dead ON jobs (queue) WHERE state = 'dead';
+
+-- The reaper finds processes that stopped heartbeating.
+CREATE INDEX processes_heartbeat ON processes (heartbeat_at);
+
+-- The pruner deletes finished bundles.
+CREATE INDEX bundles_finished ON bundles (finished_at) WHERE finished_at IS NOT NULL;
