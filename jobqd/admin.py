@@ -1,0 +1,169 @@
+"""What operators ask the database: queue status, processes, the leader, bulk changes.
+
+Pure functions over an autocommit connection, shared by jobqctl and the http child, so the
+command line, the JSON API and /metrics count the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from jobqd.client import Client
+from jobqd.sql import queries
+
+STATES = ("queued", "running", "succeeded", "dead", "cancelled")
+RETRYABLE_STATES = ("dead", "cancelled")
+CANCELLABLE_STATES = ("queued", "running")
+DEFAULT_STALE_AFTER = 30.0
+"""Seconds without a heartbeat after which a process is shown as stale (reaper.process_grace)."""
+
+
+def _rows(conn: psycopg.Connection, statement: str, params: Any = None) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=dict_row)
+    return cur.execute(statement, params).fetchall()
+
+
+def queue_status(conn: psycopg.Connection, schema: str) -> list[dict[str, Any]]:
+    """Per queue: paused, events, queued (due now), scheduled, retrying, running, dead,
+    cancelled, succeeded_1h, per_minute (last 5 minutes) and oldest_age (seconds, or None)."""
+    return _rows(conn, queries(schema).queue_status)
+
+
+def processes(
+    conn: psycopg.Connection, schema: str, *, stale_after: float = DEFAULT_STALE_AFTER
+) -> list[dict[str, Any]]:
+    """Registered processes by host, each with `heartbeat_age` and `stale`."""
+    rows = _rows(conn, queries(schema).processes)
+    for row in rows:
+        row["stale"] = row["heartbeat_age"] > stale_after
+    return rows
+
+
+def leader(conn: psycopg.Connection, schema: str) -> dict[str, Any] | None:
+    """The maintenance process holding the leader lock, read from pg_locks."""
+    from jobqd.leader import current_leader
+
+    return current_leader(conn, schema)
+
+
+def status(
+    conn: psycopg.Connection, schema: str, *, stale_after: float = DEFAULT_STALE_AFTER
+) -> dict[str, Any]:
+    """Everything `jobqctl status` shows, as one JSON-ready document (datetimes aside)."""
+    now = conn.execute(queries(schema).database_now).fetchone()[0]
+    return {
+        "time": now,
+        "queues": queue_status(conn, schema),
+        "processes": processes(conn, schema, stale_after=stale_after),
+        "leader": leader(conn, schema),
+    }
+
+
+def queue_depth(
+    conn: psycopg.Connection, schema: str
+) -> tuple[dict[tuple[str, str], int], dict[str, float]]:
+    """({(queue, state): jobs} with every state of every known queue, {queue: oldest age})."""
+    depth: dict[tuple[str, str], int] = {}
+    oldest: dict[str, float] = {}
+    for queue, state, jobs, age in conn.execute(queries(schema).queue_depth).fetchall():
+        for each in STATES:
+            depth.setdefault((queue, each), 0)
+        oldest.setdefault(queue, 0.0)
+        if state is not None:
+            depth[(queue, state)] = int(jobs)
+        if age is not None:
+            oldest[queue] = max(oldest[queue], float(age))
+    return depth, oldest
+
+
+def _client(schema: str) -> Client:
+    """A client used only with explicit connections: it never opens a pool of its own."""
+    return Client("unused", schema=schema)
+
+
+def job(conn: psycopg.Connection, schema: str, job_id: int) -> dict[str, Any] | None:
+    """One job with every column, plus the process holding its lease, if any."""
+    info = _client(schema).get(job_id, conn=conn)
+    if info is None:
+        return None
+    detail = dataclasses.asdict(info)
+    detail["process"] = None
+    if info.locked_by is not None:
+        for process in processes(conn, schema):
+            if process["id"] == info.locked_by:
+                detail["process"] = process
+    return detail
+
+
+def jobs(
+    conn: psycopg.Connection,
+    schema: str,
+    *,
+    queue: str | None = None,
+    state: str | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Newest first."""
+    found = _client(schema).list(queue, state, limit, conn=conn)
+    return [dataclasses.asdict(info) for info in found]
+
+
+def states(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> dict[int, str]:
+    """The current state of each id that exists."""
+    rows = conn.execute(queries(schema).job_states, {"ids": list(ids)}).fetchall()
+    return {row[0]: row[1] for row in rows}
+
+
+def retry(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[int]:
+    """Put dead, cancelled or waiting jobs back in line now; returns the ids that were."""
+    client = _client(schema)
+    return [job_id for job_id in ids if client.retry(job_id, conn=conn)]
+
+
+def cancel(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[int]:
+    """Cancel queued or running jobs; returns the ids that were."""
+    client = _client(schema)
+    return [job_id for job_id in ids if client.cancel(job_id, conn=conn)]
+
+
+def count_in_state(conn: psycopg.Connection, schema: str, queue: str, state: str) -> int:
+    row = conn.execute(queries(schema).count_in_state, {"queue": queue, "state": state})
+    return int(row.fetchone()[0])
+
+
+def retry_queue(conn: psycopg.Connection, schema: str, queue: str, state: str) -> int:
+    """Retry every job of `queue` in `state` (dead or cancelled); returns how many."""
+    if state not in RETRYABLE_STATES:
+        raise ValueError(f"can only retry dead or cancelled jobs in bulk, not {state}")
+    return _client(schema).retry_queue(queue, state, conn=conn)
+
+
+def cancel_queue(conn: psycopg.Connection, schema: str, queue: str, state: str) -> int:
+    """Cancel every job of `queue` in `state` (queued or running); returns how many."""
+    if state not in CANCELLABLE_STATES:
+        raise ValueError(f"can only cancel queued or running jobs, not {state}")
+    return conn.execute(queries(schema).cancel_queue, {"queue": queue, "state": state}).rowcount
+
+
+def delete(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[int]:
+    """Delete jobs that are not running; returns the ids deleted."""
+    rows = conn.execute(queries(schema).delete_jobs, {"ids": list(ids)}).fetchall()
+    return sorted(row[0] for row in rows)
+
+
+def database_now(conn: psycopg.Connection, schema: str) -> datetime:
+    return conn.execute(queries(schema).database_now).fetchone()[0]
+
+
+def lock_holder(conn: psycopg.Connection, schema: str, key: int) -> int | None:
+    """The database backend pid holding advisory lock `key` (session level), or None."""
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    parts = {"classid": unsigned >> 32, "objid": unsigned & 0xFFFFFFFF}
+    row = conn.execute(queries(schema).advisory_lock_holder, parts).fetchone()
+    return None if row is None else int(row[0])

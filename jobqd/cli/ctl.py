@@ -1,0 +1,753 @@
+"""`jobqctl`: look at the queues and act on them, from any host that reaches the database.
+
+Thin on purpose: parse the command line, call jobqd.admin / jobqd.client over one session,
+print a table (or `--json`, one document). Exit codes: 0 ok, 1 not found or nothing matched,
+2 usage, 3 database unreachable; each failure prints one line saying what to do next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import psycopg
+
+from jobqd import admin, db
+from jobqd import config as config_module
+from jobqd.cli import output
+from jobqd.durations import parse_duration
+from jobqd.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    DatabaseUnavailable,
+    JobqdError,
+    PayloadError,
+)
+
+SYSTEM_CONFIG = Path("/etc/jobqd.yaml")
+WATCH_INTERVAL = 2.0
+_CLEAR = "\x1b[H\x1b[2J"
+_BULK_NOTICE = 10_000  # bulk changes of more rows than this say so before they start
+
+
+class CtlError(Exception):
+    """A failure with its exit code; the message is one line saying what to do."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _usage(message: str) -> NoReturn:
+    raise CtlError(EXIT_USAGE, message)
+
+
+def _not_found(message: str) -> NoReturn:
+    raise CtlError(EXIT_FAILURE, message)
+
+
+@dataclass
+class Context:
+    """What every command gets: where the database is, the schema, the config if one was
+    read, how to print."""
+
+    dsn: str
+    schema: str
+    settings: config_module.Settings | None
+    json: bool
+    yes: bool
+    out: TextIO
+    err: TextIO
+    _conn: psycopg.Connection | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        if self._conn is None:
+            self._conn = db.connect(self.dsn, application_name="jobqctl", statement_timeout_ms=None)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def print(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+
+    def note(self, text: str) -> None:
+        """Progress and remarks go to stderr, so stdout stays the command's answer."""
+        self.err.write(text + "\n")
+        self.err.flush()
+
+    def emit(self, document: Any, human: Callable[[], str]) -> None:
+        if self.json:
+            output.emit_json(document, self.out)
+        else:
+            self.print(human())
+
+    def confirm(self, question: str) -> None:
+        """Ask on a terminal unless --yes; scripts (no terminal) are not asked."""
+        if self.yes or not sys.stdin.isatty():
+            return
+        self.err.write(f"{question} [y/N] ")
+        self.err.flush()
+        answer = sys.stdin.readline().strip().lower()
+        if answer not in ("y", "yes"):
+            raise CtlError(EXIT_FAILURE, "nothing changed (not confirmed; pass --yes to skip)")
+
+    def needs_settings(self, what: str) -> config_module.Settings:
+        if self.settings is None:
+            _usage(f"{what} needs the daemon's config file: pass -c FILE")
+        return self.settings
+
+
+# -- connection ------------------------------------------------------------------------------
+
+
+def _load_config(path: str | os.PathLike[str]) -> config_module.Settings:
+    try:
+        return config_module.load(path)
+    except config_module.ConfigError as exc:
+        lines = exc.errors or [str(exc)]
+        raise CtlError(EXIT_USAGE, "\n".join([*lines, f"fix {path} and try again"])) from None
+
+
+def _database(settings: config_module.Settings) -> str:
+    return db.resolve_url(settings.database.url, settings.database.data_dir)
+
+
+def resolve(
+    args: argparse.Namespace, env: os._Environ[str] | dict[str, str]
+) -> tuple[str, str, config_module.Settings | None]:
+    """(dsn, schema, settings) from -c FILE, --dsn, JOBQD_DATABASE_URL or /etc/jobqd.yaml."""
+    settings = None
+    if args.config:
+        settings = _load_config(args.config)
+        dsn = _database(settings)
+    elif args.dsn:
+        dsn = args.dsn
+    elif env.get("JOBQD_DATABASE_URL"):
+        dsn = env["JOBQD_DATABASE_URL"]
+    elif SYSTEM_CONFIG.exists():
+        settings = _load_config(SYSTEM_CONFIG)
+        dsn = _database(settings)
+    else:
+        _usage(
+            "no database given: pass -c FILE or --dsn URL, set JOBQD_DATABASE_URL, "
+            f"or create {SYSTEM_CONFIG}"
+        )
+    schema = args.schema or (settings.database.schema if settings else "jobqd")
+    return dsn, schema, settings
+
+
+# -- parsing helpers -------------------------------------------------------------------------
+
+
+def _job_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"job ids are whole numbers, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"job ids are positive, got {text!r}")
+    return value
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time like 2025-01-31T09:00:00+00:00, got {text!r}"
+        ) from None
+    return value if value.tzinfo else value.astimezone()
+
+
+def _json_args(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"--args is not valid JSON ({exc.msg} at character {exc.pos}): "
+            """quote it for the shell, e.g. --args '{"user_id": 7}'"""
+        ) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def _status_document(ctx: Context) -> dict[str, Any]:
+    stale_after = ctx.settings.reaper.process_grace if ctx.settings else admin.DEFAULT_STALE_AFTER
+    return admin.status(ctx.conn, ctx.schema, stale_after=stale_after)
+
+
+def _status_text(document: dict[str, Any]) -> str:
+    queues = document["queues"]
+    parts = []
+    if queues:
+        rows = [
+            (
+                q["queue"] + (" (paused)" if q["paused"] else ""),
+                q["queued"],
+                q["scheduled"],
+                q["retrying"],
+                q["running"],
+                q["dead"],
+                q["succeeded_1h"],
+                output.age(q["oldest_age"]),
+                q["per_minute"],
+            )
+            for q in queues
+        ]
+        headers = ("QUEUE", "QUEUED", "SCHEDULED", "RETRYING", "RUNNING", "DEAD", "OK/1H")
+        headers += ("OLDEST", "JOBS/MIN")
+        parts.append(output.table(headers, rows, right=range(1, 9)))
+    else:
+        parts.append("no queues yet: nothing was ever enqueued")
+    parts.append("")
+    procs = document["processes"]
+    if procs:
+        rows = [
+            (
+                p["host"],
+                p["role"],
+                p["queue"] or "-",
+                p["pid"],
+                output.age(p["heartbeat_age"]) + (" (stale)" if p["stale"] else ""),
+                output.age(_seconds_between(p["started_at"], document["time"])),
+            )
+            for p in procs
+        ]
+        headers = ("HOST", "ROLE", "QUEUE", "PID", "HEARTBEAT", "UP")
+        parts.append(output.table(headers, rows, right=(3,)))
+    else:
+        parts.append("no live processes: is jobqd running?")
+    leader = document["leader"]
+    if leader is None:
+        parts.append("leader: none (no maintenance process holds the leader lock)")
+    elif leader.get("host"):
+        parts.append(f"leader: {leader['host']} pid {leader['pid']}")
+    else:
+        parts.append(
+            f"leader: database backend {leader.get('backend_pid')} (process not registered)"
+        )
+    return "\n".join(parts)
+
+
+def _seconds_between(start: datetime | None, end: datetime) -> float | None:
+    return None if start is None else (end - start).total_seconds()
+
+
+def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
+    if not args.watch:
+        document = _status_document(ctx)
+        ctx.emit(document, lambda: _status_text(document))
+        return EXIT_OK
+    try:
+        while True:
+            document = _status_document(ctx)
+            stamp = output.when(document["time"])
+            if ctx.json:
+                ctx.print(json.dumps(document, default=output._default, ensure_ascii=False))
+            else:
+                ctx.out.write(_CLEAR)
+                ctx.print(f"jobqctl status  {stamp}  every {args.interval:g}s, Ctrl-C to stop\n")
+                ctx.print(_status_text(document))
+            ctx.out.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_workers(ctx: Context, args: argparse.Namespace) -> int:
+    document = _status_document(ctx)
+    procs = document["processes"]
+
+    def human() -> str:
+        if not procs:
+            return "no live processes: is jobqd running?"
+        leader = document["leader"] or {}
+        rows = [
+            (
+                p["id"],
+                p["host"],
+                p["role"] + (" (leader)" if p["id"] == leader.get("id") else ""),
+                p["queue"] or "-",
+                p["pid"],
+                output.age(p["heartbeat_age"]) + (" (stale)" if p["stale"] else ""),
+                output.when(p["started_at"]),
+            )
+            for p in procs
+        ]
+        headers = ("ID", "HOST", "ROLE", "QUEUE", "PID", "HEARTBEAT", "STARTED")
+        return output.table(headers, rows, right=(0, 4))
+
+    ctx.emit({"processes": procs, "leader": document["leader"]}, human)
+    return EXIT_OK
+
+
+def cmd_jobs(ctx: Context, args: argparse.Namespace) -> int:
+    found = admin.jobs(ctx.conn, ctx.schema, queue=args.queue, state=args.state, limit=args.limit)
+
+    def human() -> str:
+        if not found:
+            return "no jobs match"
+        rows = [
+            (
+                j["id"],
+                j["queue"],
+                j["task"],
+                j["state"],
+                f"{j['attempt']}/{j['max_attempts'] or '-'}",
+                output.when(j["run_at"]),
+                j["last_error"] or "",
+            )
+            for j in found
+        ]
+        headers = ("ID", "QUEUE", "TASK", "STATE", "ATTEMPT", "RUN AT", "LAST ERROR")
+        return output.table(headers, rows, right=(0,))
+
+    ctx.emit(found, human)
+    return EXIT_OK if found else EXIT_FAILURE
+
+
+def _show_text(job: dict[str, Any]) -> str:
+    process = job["process"]
+    held_by = f"{process['host']} pid {process['pid']}" if process else job["locked_by"]
+    pairs = [
+        ("id", job["id"]),
+        ("queue", job["queue"]),
+        ("task", job["task"]),
+        ("state", job["state"]),
+        ("attempt", f"{job['attempt']} of {job['max_attempts'] or 'the queue default'}"),
+        ("priority", job["priority"]),
+        ("run at", job["run_at"]),
+        ("created at", job["created_at"]),
+        ("started at", job["started_at"]),
+        ("finished at", job["finished_at"]),
+        ("lease until", job["lease_expires_at"]),
+        ("held by", held_by),
+        ("dedup key", job["dedup_key"]),
+        ("idempotency key", job["idempotency_key"]),
+        ("bundle", job["bundle_id"]),
+    ]
+    lines = [output.fields(pairs), "", "args:"]
+    lines += _indented(json.dumps(job["args"], indent=2, ensure_ascii=False))
+    if job["result"] is not None:
+        lines += ["result:", *_indented(json.dumps(job["result"], indent=2, ensure_ascii=False))]
+    errors = job["errors"] or []
+    if errors:
+        lines += ["", f"errors ({len(errors)}, oldest first):"]
+        for error in errors:
+            kind, message = error.get("kind") or "Error", error.get("message") or ""
+            said = message if message.startswith(kind) else f"{kind}: {message}"
+            lines.append(f"  attempt {error.get('attempt', '?')}: {said}")
+            if error.get("traceback"):
+                lines += _indented(error["traceback"].rstrip(), "      ")
+    elif job["last_error"]:
+        lines += ["", f"last error: {job['last_error']}"]
+    return "\n".join(lines)
+
+
+def _indented(text: str, prefix: str = "  ") -> list[str]:
+    return [prefix + line for line in text.splitlines()]
+
+
+def cmd_show(ctx: Context, args: argparse.Namespace) -> int:
+    job = admin.job(ctx.conn, ctx.schema, args.id)
+    if job is None:
+        _not_found(f"no job {args.id}: check the id with `jobqctl jobs` (it may have been pruned)")
+    ctx.emit(job, lambda: _show_text(job))
+    return EXIT_OK
+
+
+def _by_ids(
+    ctx: Context, ids: Sequence[int], verb: str, act: Callable[..., list[int]], allowed: str
+) -> int:
+    changed = act(ctx.conn, ctx.schema, ids)
+    skipped = [i for i in ids if i not in set(changed)]
+    found = admin.states(ctx.conn, ctx.schema, skipped) if skipped else {}
+    reasons = {i: (f"is {found[i]}" if i in found else "not found") for i in skipped}
+    document = {verb: changed, "skipped": [{"id": i, "reason": r} for i, r in reasons.items()]}
+
+    def human() -> str:
+        lines = [f"{verb} {len(changed)} of {len(ids)} job{'s' if len(ids) != 1 else ''}"]
+        lines += [f"  job {i}: {r} ({allowed})" for i, r in reasons.items()]
+        return "\n".join(lines)
+
+    ctx.emit(document, human)
+    return EXIT_OK if changed else EXIT_FAILURE
+
+
+def _bulk(
+    ctx: Context,
+    args: argparse.Namespace,
+    verb: str,
+    act: Callable[..., int],
+    states: Sequence[str],
+) -> int:
+    if args.ids:
+        _usage("give job ids or --queue/--state, not both")
+    if not args.queue or not args.state:
+        _usage(f"{verb} needs job ids, or --queue Q --state {'|'.join(states)}")
+    if args.state not in states:
+        _usage(f"{verb} works on {' or '.join(states)} jobs, not {args.state}")
+    count = admin.count_in_state(ctx.conn, ctx.schema, args.queue, args.state)
+    if count == 0:
+        _not_found(f"no {args.state} jobs in queue {args.queue!r}: nothing to {verb}")
+    ctx.confirm(
+        f"{verb} {count} {args.state} job{'s' if count != 1 else ''} of queue {args.queue!r}?"
+    )
+    if count > _BULK_NOTICE:
+        ctx.note(f"{verb} {count} jobs: this can take a while…")
+    changed = act(ctx.conn, ctx.schema, args.queue, args.state)
+    past = "retried" if verb == "retry" else "cancelled"
+    document = {"queue": args.queue, "state": args.state, past: changed}
+    ctx.emit(document, lambda: f"{past} {changed} {args.state} jobs of queue {args.queue!r}")
+    return EXIT_OK if changed else EXIT_FAILURE
+
+
+def cmd_retry(ctx: Context, args: argparse.Namespace) -> int:
+    if args.ids and not (args.queue or args.state):
+        return _by_ids(ctx, args.ids, "retried", admin.retry, "only dead, cancelled or queued")
+    return _bulk(ctx, args, "retry", admin.retry_queue, admin.RETRYABLE_STATES)
+
+
+def cmd_cancel(ctx: Context, args: argparse.Namespace) -> int:
+    if args.ids and not (args.queue or args.state):
+        return _by_ids(ctx, args.ids, "cancelled", admin.cancel, "only queued or running")
+    return _bulk(ctx, args, "cancel", admin.cancel_queue, admin.CANCELLABLE_STATES)
+
+
+def cmd_delete(ctx: Context, args: argparse.Namespace) -> int:
+    return _by_ids(ctx, args.ids, "deleted", admin.delete, "running jobs: cancel them first")
+
+
+def cmd_pause(ctx: Context, args: argparse.Namespace) -> int:
+    from jobqd.client import Client
+
+    Client("unused", schema=ctx.schema).pause(args.queue, conn=ctx.conn)
+    ctx.emit(
+        {"queue": args.queue, "paused": True},
+        lambda: (
+            f"queue {args.queue!r} paused: every node stops claiming from it within its "
+            "poll interval; running jobs finish. Undo with `jobqctl resume "
+            f"{args.queue}`"
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_resume(ctx: Context, args: argparse.Namespace) -> int:
+    from jobqd.client import Client
+
+    Client("unused", schema=ctx.schema).resume(args.queue, conn=ctx.conn)
+    ctx.emit(
+        {"queue": args.queue, "paused": False},
+        lambda: f"queue {args.queue!r} resumed: workers claim from it again",
+    )
+    return EXIT_OK
+
+
+def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
+    from jobqd.client import Client
+
+    try:
+        job_id = Client("unused", schema=ctx.schema).enqueue(
+            args.task,
+            args.args,
+            queue=args.queue,
+            delay=args.delay,
+            run_at=args.run_at,
+            priority=args.priority,
+            max_attempts=args.max_attempts,
+            dedup_key=args.dedup_key,
+            conn=ctx.conn,
+        )
+    except (TypeError, PayloadError) as exc:
+        _usage(str(exc))
+    ctx.emit(
+        {"id": job_id, "queue": args.queue, "task": args.task},
+        lambda: f"enqueued job {job_id} ({args.task} on queue {args.queue!r})",
+    )
+    return EXIT_OK
+
+
+def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
+    from jobqd import migrate as migrations
+
+    holder = admin.lock_holder(ctx.conn, ctx.schema, migrations.lock_key(ctx.schema, "migrate"))
+    if holder is not None:
+        ctx.note(f"waiting for another migration to finish (database backend {holder})…")
+    done = migrations.migrate(ctx.conn, ctx.schema, dry_run=args.dry_run)
+    names = [f"{m.version:04d}_{m.name}" for m in done]
+
+    def human() -> str:
+        if not names:
+            return f"schema {ctx.schema!r} is up to date: nothing to apply"
+        verb = "would apply" if args.dry_run else "applied"
+        return "\n".join(f"{verb} {name}" for name in names)
+
+    ctx.emit({"schema": ctx.schema, "dry_run": args.dry_run, "migrations": names}, human)
+    return EXIT_OK
+
+
+def cmd_events(ctx: Context, args: argparse.Namespace) -> int:
+    from jobqd import events
+
+    if args.action in ("on", "off"):
+        if not args.queues:
+            _usage(f"events {args.action} needs one or more queue names")
+        for queue in args.queues:
+            events.set_events(ctx.conn, ctx.schema, queue, args.action == "on")
+    elif args.queues:
+        _usage("give `events on QUEUE...` or `events off QUEUE...`; `events` alone lists")
+    enabled = events.enabled_queues(ctx.conn, ctx.schema)
+    channel = events.channel(ctx.schema)
+
+    def human() -> str:
+        which = ", ".join(enabled) if enabled else "none"
+        return f"job end events on channel {channel!r} for queues: {which}"
+
+    ctx.emit({"channel": channel, "queues": enabled}, human)
+    return EXIT_OK
+
+
+def cmd_cron(ctx: Context, args: argparse.Namespace) -> int:
+    from jobqd import cron
+
+    settings = ctx.needs_settings(f"cron {args.action}")
+    if args.action == "run":
+        if not args.name:
+            _usage("cron run needs the entry's name: jobqctl cron run NAME")
+        try:
+            job_id = cron.fire_now(ctx.conn, settings, args.name)
+        except LookupError as exc:
+            _not_found(str(exc))
+        ctx.emit(
+            {"name": args.name, "id": job_id},
+            lambda: f"cron entry {args.name!r} enqueued as job {job_id}",
+        )
+        return EXIT_OK
+    entries = cron.cron_status(ctx.conn, settings)
+
+    def human() -> str:
+        if not entries:
+            return f"no cron entries in {settings.source}"
+        rows = [
+            (
+                e["name"],
+                e["schedule"] + ("" if e["timezone"] == "UTC" else f" {e['timezone']}"),
+                e["task"],
+                e["queue"],
+                output.when(e["last_tick"]),
+                output.when(e["next_tick"]) if e["enabled"] else "disabled",
+            )
+            for e in entries
+        ]
+        headers = ("NAME", "SCHEDULE", "TASK", "QUEUE", "LAST TICK", "NEXT TICK")
+        return output.table(headers, rows)
+
+    ctx.emit(entries, human)
+    return EXIT_OK
+
+
+def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
+    from jobqd.duties.retention import prune
+
+    settings = ctx.settings or config_module.Settings.default()
+    if ctx.settings is None:
+        ctx.note("no config file given: pruning with the default retention (-c FILE to use yours)")
+    ctx.note("pruning finished jobs past retention…")
+    deleted = prune(ctx.conn, settings)
+
+    def human() -> str:
+        total = sum(deleted.values())
+        if not total:
+            return "nothing to prune"
+        return "pruned " + ", ".join(f"{n} {kind}" for kind, n in deleted.items() if n)
+
+    ctx.emit(deleted, human)
+    return EXIT_OK
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Options valid before and after the command (`jobqctl --json status`, `status --json`)."""
+    default: Any = argparse.SUPPRESS if suppress else None
+    parser.add_argument("-c", "--config", metavar="FILE", default=default, help="jobqd config file")
+    parser.add_argument("--dsn", metavar="URL", default=default, help="PostgreSQL URL")
+    parser.add_argument("--schema", default=default, help="schema name (default: jobqd)")
+    flag: Any = argparse.SUPPRESS if suppress else False
+    parser.add_argument("--json", action="store_true", default=flag, help="print one JSON document")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobqctl",
+        description="Look at jobqd's queues and act on them.",
+        epilog="The database comes from -c FILE, --dsn URL, JOBQD_DATABASE_URL or "
+        f"{SYSTEM_CONFIG}, in that order.",
+    )
+    _common(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _common(common, suppress=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Callable[..., int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("status", cmd_status, "queues, counts, processes and the leader")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=_duration, default=WATCH_INTERVAL, help="refresh interval")
+    command("workers", cmd_workers, "the registered processes on every host")
+    p = command("jobs", cmd_jobs, "list jobs, newest first")
+    p.add_argument("--queue")
+    p.add_argument("--state", choices=admin.STATES)
+    p.add_argument("--limit", type=_positive_int, default=50)
+    p = command("show", cmd_show, "one job: args, state, attempts, lease, errors")
+    p.add_argument("id", type=_job_id)
+    for name, handler, states, help in (
+        ("retry", cmd_retry, admin.RETRYABLE_STATES, "run jobs again now"),
+        ("cancel", cmd_cancel, admin.CANCELLABLE_STATES, "cancel queued or running jobs"),
+    ):
+        p = command(name, handler, help)
+        p.add_argument("ids", nargs="*", type=_job_id, metavar="ID")
+        p.add_argument("--queue", help="every job of this queue in --state")
+        p.add_argument("--state", choices=states)
+        p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p = command("delete", cmd_delete, "delete jobs that are not running")
+    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID")
+    p = command("pause", cmd_pause, "stop claiming from a queue on every node")
+    p.add_argument("queue")
+    p = command("resume", cmd_resume, "claim from a paused queue again")
+    p.add_argument("queue")
+    p = command("enqueue", cmd_enqueue, "enqueue one job")
+    p.add_argument("task")
+    p.add_argument("--queue", default="default")
+    p.add_argument("--args", type=_json_args, default=None, help="job args as JSON")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=_duration, help="run after this long, e.g. 30s, 5m")
+    when.add_argument("--run-at", type=_time, help="run at this ISO 8601 time")
+    p.add_argument("--priority", type=int, default=0, help="smaller runs first")
+    p.add_argument("--max-attempts", type=_positive_int)
+    p.add_argument("--dedup-key")
+    p = command("migrate", cmd_migrate, "apply pending schema migrations")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be applied")
+    p = command("events", cmd_events, "list, or turn on/off, job end events per queue")
+    p.add_argument("action", nargs="?", choices=("list", "on", "off"), default="list")
+    p.add_argument("queues", nargs="*", metavar="QUEUE")
+    p = command("cron", cmd_cron, "list cron entries, or run one now")
+    p.add_argument("action", choices=("list", "run"))
+    p.add_argument("name", nargs="?")
+    command("prune", cmd_prune, "delete finished jobs past retention now")
+    return parser
+
+
+@contextmanager
+def _failures(ctx_dsn: str) -> Iterator[None]:
+    """Database failures as exit codes with a next step."""
+    try:
+        yield
+    except DatabaseUnavailable as exc:
+        raise CtlError(EXIT_UNREACHABLE, str(exc)) from None
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction) as exc:
+        raise CtlError(
+            EXIT_FAILURE,
+            f"the jobqd schema is missing or older than this jobqctl ({_first_line(exc)}): "
+            "run `jobqctl migrate`",
+        ) from None
+    except psycopg.errors.InvalidSchemaName as exc:
+        raise CtlError(
+            EXIT_FAILURE, f"{_first_line(exc)}: run `jobqctl migrate` to create it"
+        ) from None
+    except psycopg.OperationalError as exc:
+        raise CtlError(EXIT_UNREACHABLE, db.describe_failure(ctx_dsn, exc)) from None
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise CtlError(
+            EXIT_FAILURE,
+            f"{_first_line(exc)}: connect as the jobqd daemon role or the schema owner",
+        ) from None
+    except psycopg.Error as exc:
+        raise CtlError(EXIT_FAILURE, f"the database refused: {_first_line(exc)}") from None
+    except JobqdError as exc:
+        raise CtlError(EXIT_FAILURE, str(exc)) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ctx = None
+    try:
+        dsn, schema, settings = resolve(args, os.environ)
+        ctx = Context(
+            dsn=dsn,
+            schema=schema,
+            settings=settings,
+            json=bool(args.json),
+            yes=bool(getattr(args, "yes", False)),
+            out=sys.stdout,
+            err=sys.stderr,
+        )
+        with _failures(dsn):
+            return args.handler(ctx, args)
+    except CtlError as exc:
+        sys.stdout.flush()
+        sys.stderr.write(f"jobqctl: {exc}\n")
+        return exc.code
+    except DatabaseUnavailable as exc:
+        sys.stderr.write(f"jobqctl: {exc}\n")
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        sys.stderr.write("jobqctl: interrupted\n")
+        return 130
+    except BrokenPipeError:  # `jobqctl ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""Observability: logging, sd_notify, process titles and metrics."""

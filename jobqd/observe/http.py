@@ -1,0 +1,573 @@
+"""The `jobqd: http` child: /metrics, /healthz, /readyz and a small JSON API.
+
+The master cannot serve HTTP itself (it forks at any time, so it runs no threads and holds no
+database connection); it feeds this child instead, over `feed_fd`, one JSON object per line:
+`metrics` (the node's aggregated counters, a full `Registry.snapshot()`) and `health` (the
+children and when the master last turned its loop). EOF on the feed means the master is gone.
+Database gauges (jobs per queue and state, oldest due job) are counted here with sessions of
+this child's own and cached for `GAUGE_TTL`, so a scrape costs at most one query a second.
+
+Endpoints:
+  GET /metrics     Prometheus text 0.0.4
+  GET /healthz     200 while the master fed us in the last `HEALTH_WINDOW` seconds, else 503
+  GET /readyz      200 when the database answers, migrations are current and every child has
+                   booted; else 503 and which check failed
+  POST /jobs       enqueue (bearer token), 201 {"id": ...}
+  GET /jobs/{id}   one job (bearer token)
+  GET /queues      queue status (bearer token)
+The JSON API needs `Authorization: Bearer <token>` where the token is the value of the
+environment variable named by `http.token_env`; without that variable the API answers 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from jobqd import admin, migrate
+from jobqd.client import Client
+from jobqd.db import connect
+from jobqd.durations import parse_duration
+from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError
+from jobqd.ipc import Sender
+from jobqd.observe.metrics import CONTENT_TYPE, Registry, define_jobqd_metrics
+
+log = logging.getLogger("jobqd.http")
+
+HEALTH_WINDOW = 5.0
+"""Seconds without a message from the master after which /healthz says 503."""
+GAUGE_TTL = 1.0
+READY_TTL = 1.0
+REQUEST_TIMEOUT = 10.0
+"""Seconds a client may take to send its request (slow clients hold a thread)."""
+DB_TIMEOUT_MS = 5_000
+CONNECT_TIMEOUT = 3
+SESSIONS = 4
+STATUS_INTERVAL = 1.0
+_JOB_PATH = re.compile(r"/jobs/([^/]+)")
+_JOB_KEYS = frozenset(
+    {
+        "task",
+        "args",
+        "queue",
+        "delay",
+        "run_at",
+        "priority",
+        "max_attempts",
+        "dedup_key",
+        "idempotency_key",
+    }
+)
+
+
+class ApiError(Exception):
+    """An answer other than success: status code and a message for the `error` field."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Feed:
+    """The latest of what the master sent, and when it last sent anything."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.snapshot: dict[str, Any] = {}
+        self.health: dict[str, Any] | None = None
+        self.fed_at: float | None = None
+        self._buffer = b""
+
+    def take(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            with self._lock:
+                self.fed_at = time.monotonic()
+                if message.get("kind") == "metrics" and isinstance(message.get("snapshot"), dict):
+                    self.snapshot = message["snapshot"]
+                elif message.get("kind") == "health":
+                    self.health = message
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any] | None, float | None]:
+        with self._lock:
+            return self.snapshot, self.health, self.fed_at
+
+
+class Sessions:
+    """A few database sessions of this child's own. A session that failed is dropped and the
+    next request opens a fresh one, so the child recovers as soon as the database is back."""
+
+    def __init__(self, dsn: str, size: int = SESSIONS) -> None:
+        # A probe must answer before the prober gives up, also when the host is unreachable.
+        self.dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
+        self.size = size
+        self._idle: list[psycopg.Connection] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[psycopg.Connection]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = connect(
+                self.dsn,
+                application_name="jobqd http",
+                statement_timeout_ms=DB_TIMEOUT_MS,
+                extra_options={"lock_timeout": str(DB_TIMEOUT_MS)},
+            )
+        try:
+            yield conn
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            if conn.closed or len(self._idle) >= self.size:
+                conn.close()
+            else:
+                self._idle.append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class _Cached:
+    """A value recomputed at most every `ttl` seconds, by one thread at a time."""
+
+    def __init__(self, ttl: float, compute: Callable[[], Any]) -> None:
+        self.ttl = ttl
+        self.compute = compute
+        self._lock = threading.Lock()
+        self._value: Any = None
+        self._at = -float("inf")
+
+    def get(self) -> Any:
+        with self._lock:
+            if time.monotonic() - self._at >= self.ttl:
+                self._value = self.compute()
+                self._at = time.monotonic()
+            return self._value
+
+
+class App:
+    """What the endpoints answer, apart from HTTP itself (see Handler)."""
+
+    def __init__(self, settings: Any, dsn: str, feed: Feed, token: str | None) -> None:
+        self.settings = settings
+        self.schema = settings.database.schema
+        self.feed = feed
+        self.token = token
+        self.sessions = Sessions(dsn)
+        self.client = Client("unused", schema=self.schema)
+        self._gauges = _Cached(GAUGE_TTL, self._count)
+        self._database = _Cached(READY_TTL, self._check_database)
+
+    # -- metrics and health -----------------------------------------------------------------
+
+    def _count(self) -> tuple[dict[tuple[str, str], int], dict[str, float]] | None:
+        try:
+            with self.sessions.session() as conn:
+                return admin.queue_depth(conn, self.schema)
+        except (psycopg.Error, DatabaseUnavailable) as exc:
+            log.warning("cannot count jobs for /metrics: %s", _first_line(exc))
+            return None
+
+    def metrics(self) -> str:
+        snapshot, _, _ = self.feed.state()
+        registry = Registry()
+        metrics = define_jobqd_metrics(registry)
+        database_up = registry.gauge(
+            "jobqd_database_up", "1 when this node's http process could count jobs, else 0."
+        )
+        registry.merge(snapshot)
+        counted = self._gauges.get()
+        database_up.set(0 if counted is None else 1)
+        if counted is not None:
+            depth, oldest = counted
+            for (queue, state), jobs in depth.items():
+                metrics.queue_jobs.set(jobs, queue, state)
+            for queue, age in oldest.items():
+                metrics.queue_oldest_job_age.set(age, queue)
+        return registry.render()
+
+    def healthz(self) -> tuple[HTTPStatus, dict[str, Any]]:
+        _, health, fed_at = self.feed.state()
+        if fed_at is None:
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "down", "error": "no word yet"}
+        ago = time.monotonic() - fed_at
+        body: dict[str, Any] = {"master_fed_seconds_ago": round(ago, 3)}
+        if ago > HEALTH_WINDOW:
+            body.update(status="down", error=f"the master has been silent for {ago:.0f}s")
+            return HTTPStatus.SERVICE_UNAVAILABLE, body
+        body["status"] = "ok"
+        if health is not None:
+            body["master"] = health.get("status")
+        return HTTPStatus.OK, body
+
+    def _check_database(self) -> tuple[str | None, str | None]:
+        """(database problem, migrations problem); None means fine."""
+        try:
+            with self.sessions.session() as conn:
+                todo = migrate.pending(conn, self.schema)
+        except (psycopg.Error, DatabaseUnavailable) as exc:
+            return f"unreachable: {_first_line(exc)}", "unknown (database unreachable)"
+        except migrate.MigrationError as exc:
+            return None, _first_line(exc)
+        if todo:
+            names = ", ".join(f"{m.version:04d}_{m.name}" for m in todo)
+            return None, f"pending: {names} (run `jobqctl migrate`)"
+        return None, None
+
+    def readyz(self) -> tuple[HTTPStatus, dict[str, Any]]:
+        database, migrations = self._database.get()
+        _, health, _ = self.feed.state()
+        checks = {
+            "database": database or "ok",
+            "migrations": migrations or "ok",
+            "children": _children_problem(health) or "ok",
+        }
+        failed = [name for name, result in checks.items() if result != "ok"]
+        body: dict[str, Any] = {"ready": not failed, "checks": checks}
+        if failed:
+            body["error"] = "; ".join(f"{name}: {checks[name]}" for name in failed)
+            return HTTPStatus.SERVICE_UNAVAILABLE, body
+        return HTTPStatus.OK, body
+
+    # -- JSON API ---------------------------------------------------------------------------
+
+    def authorize(self, header: str | None) -> None:
+        if not self.token:
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"API disabled: set {self.settings.http.token_env} in the daemon's environment",
+            )
+        scheme, _, given = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.token.encode()
+        ):
+            raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token")
+
+    def enqueue(self, body: Any) -> dict[str, Any]:
+        kwargs = _enqueue_arguments(body)
+        task = kwargs.pop("task")
+        args = kwargs.pop("args", None)
+        for _ in range(2):  # once more after losing a race on the same idempotency key
+            try:
+                with self.sessions.session() as conn:
+                    return {"id": self.client.enqueue(task, args, conn=conn, **kwargs)}
+            except psycopg.errors.SerializationFailure:
+                continue
+            except PayloadError as exc:
+                raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc)) from None
+            except (TypeError, ValueError) as exc:
+                raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                raise ApiError(HTTPStatus.BAD_REQUEST, _first_line(exc)) from None
+        raise ApiError(HTTPStatus.CONFLICT, "concurrent enqueue with this idempotency key; retry")
+
+    def job(self, text: str) -> dict[str, Any]:
+        try:
+            job_id = int(text)
+        except ValueError:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"job ids are numbers, got {text!r}") from None
+        with self.sessions.session() as conn:
+            found = self.client.get(job_id, conn=conn)
+        if found is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
+        return dataclasses.asdict(found)
+
+    def queues(self) -> dict[str, Any]:
+        with self.sessions.session() as conn:
+            return {"queues": admin.queue_status(conn, self.schema)}
+
+
+def _children_problem(health: dict[str, Any] | None) -> str | None:
+    if health is None:
+        return "no health report from the master yet"
+    if health.get("stopping"):
+        return "the daemon is stopping"
+    down = []
+    for name, child in sorted((health.get("children") or {}).items()):
+        if name == "http" or not isinstance(child, dict):
+            continue
+        if child.get("crash_looping"):
+            down.append(f"{name} (crash loop)")
+        elif not child.get("booted"):
+            down.append(name)
+    return f"not booted: {', '.join(down)}" if down else None
+
+
+def _enqueue_arguments(body: Any) -> dict[str, Any]:
+    """The keywords for Client.enqueue, checked the way the client checks them."""
+    if not isinstance(body, dict):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+    unknown = sorted(set(body) - _JOB_KEYS)
+    if unknown:
+        allowed = ", ".join(sorted(_JOB_KEYS))
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown keys {unknown}; allowed: {allowed}")
+    kwargs = {key: value for key, value in body.items() if value is not None}
+    if not isinstance(kwargs.get("task"), str) or not kwargs["task"]:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "'task' is required: the task's name")
+    for key in ("queue", "dedup_key", "idempotency_key"):
+        if key in kwargs and not isinstance(kwargs[key], str):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"'{key}' must be a string")
+    for key in ("priority", "max_attempts"):
+        if key in kwargs and (isinstance(kwargs[key], bool) or not isinstance(kwargs[key], int)):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"'{key}' must be an integer")
+    if "delay" in kwargs:
+        kwargs["delay"] = _delay(kwargs["delay"])
+    if "run_at" in kwargs:
+        kwargs["run_at"] = _run_at(kwargs["run_at"])
+    if "delay" in kwargs and "run_at" in kwargs:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "give 'delay' or 'run_at', not both")
+    return kwargs
+
+
+def _delay(value: Any) -> float:
+    try:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, "'delay' must be seconds or a duration like 30s, 5m"
+        ) from None
+    if seconds < 0:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "'delay' cannot be negative")
+    return seconds
+
+
+def _run_at(value: Any) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            "'run_at' must be an ISO 8601 time with a zone, like 2025-01-31T09:00:00Z",
+        )
+    return moment
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP for App: routing, size and time caps, JSON errors."""
+
+    app: App  # set on the subclass made by make_server
+    max_body: int
+    timeout = REQUEST_TIMEOUT
+    server_version = "jobqd"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s " + format, self.client_address[0], *args)
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: HTTPStatus, document: Any) -> None:
+        body = json.dumps(document, default=_json_default, ensure_ascii=False).encode()
+        self._send(status, body + b"\n", "application/json")
+
+    def _route(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            if method == "GET" and path == "/metrics":
+                self._send(HTTPStatus.OK, self.app.metrics().encode(), CONTENT_TYPE)
+            elif method == "GET" and path == "/healthz":
+                self._json(*self.app.healthz())
+            elif method == "GET" and path == "/readyz":
+                self._json(*self.app.readyz())
+            elif path == "/jobs":
+                self._allow(method, "POST")
+                self.app.authorize(self.headers.get("Authorization"))
+                self._json(HTTPStatus.CREATED, self.app.enqueue(self._body()))
+            elif _JOB_PATH.fullmatch(path):
+                self._allow(method, "GET")
+                self.app.authorize(self.headers.get("Authorization"))
+                self._json(HTTPStatus.OK, self.app.job(_JOB_PATH.fullmatch(path).group(1)))
+            elif path == "/queues":
+                self._allow(method, "GET")
+                self.app.authorize(self.headers.get("Authorization"))
+                self._json(HTTPStatus.OK, self.app.queues())
+            elif path in ("/metrics", "/healthz", "/readyz"):
+                self._allow(method, "GET")
+            else:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+        except ApiError as exc:
+            self._json(exc.status, {"error": str(exc)})
+        except (DatabaseUnavailable, psycopg.OperationalError) as exc:
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"database: {_first_line(exc)}"})
+        except psycopg.Error as exc:
+            log.warning("http %s %s failed: %s", method, path, _first_line(exc))
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": _first_line(exc)})
+
+    def _allow(self, method: str, allowed: str) -> None:
+        if method != allowed:
+            raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {allowed} here")
+
+    def _body(self) -> Any:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
+        try:
+            size = int(length)
+        except ValueError:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
+        if size > self.max_body:
+            self.close_connection = True
+            raise ApiError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"request body of {size} bytes is over http.max_body ({self.max_body} bytes)",
+            )
+        data = self.rfile.read(size)
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not JSON: {exc}") from None
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_HEAD(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+
+def make_server(settings: Any, app: App) -> ThreadingHTTPServer:
+    """Bind `http.listen` (IPv4 or IPv6) with a handler class bound to `app`."""
+    host, port = settings.http.host, settings.http.port
+    handler = type("BoundHandler", (Handler,), {"app": app, "max_body": settings.http.max_body})
+    server_class = _Server
+    if ":" in (host or ""):
+        server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+    return server_class((host, port), handler)
+
+
+def serve(
+    settings: Any,
+    dsn: str,
+    *,
+    feed_fd: int,
+    sender: Sender | None = None,
+    parent_pid: int | None = None,
+    on_title: Callable[[str], None] | None = None,
+) -> int:
+    """Serve until the feed closes (the master is gone), TERM/QUIT, or the parent changes."""
+    feed = Feed()
+    token = os.environ.get(settings.http.token_env) or None
+    app = App(settings, dsn, feed, token)
+    try:
+        server = make_server(settings, app)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", settings.http.listen, exc.strerror or exc)
+        return EXIT_FAILURE
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(signum, stop)
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    if on_title:
+        on_title(f"http {settings.http.listen}")
+    log.info(
+        "serving /metrics, /healthz, /readyz and the JSON API on %s%s",
+        settings.http.listen,
+        "" if token else f" (JSON API disabled: {settings.http.token_env} is not set)",
+    )
+    if sender is not None:
+        sender.send("booted", process_id=None)
+    try:
+        _follow(feed, feed_fd, stopping, sender, parent_pid)
+    finally:
+        server.shutdown()
+        server.server_close()
+        app.sessions.close()
+    return EXIT_OK
+
+
+def _follow(
+    feed: Feed,
+    feed_fd: int,
+    stopping: threading.Event,
+    sender: Sender | None,
+    parent_pid: int | None,
+) -> None:
+    """Read the master's feed until EOF, a stop signal or a new parent."""
+    next_status = 0.0
+    while not stopping.is_set():
+        readable, _, _ = select.select([feed_fd], [], [], 0.5)
+        if readable:
+            chunk = os.read(feed_fd, 65536)
+            if not chunk:
+                log.info("the master closed the feed: stopping")
+                return
+            feed.take(chunk)
+        if parent_pid is not None and os.getppid() != parent_pid:
+            log.warning("the master is gone: stopping")
+            return
+        now = time.monotonic()
+        if sender is not None and now >= next_status:
+            next_status = now + STATUS_INTERVAL
+            try:
+                sender.send("status")
+            except BrokenPipeError:
+                return

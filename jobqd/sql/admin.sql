@@ -1,0 +1,94 @@
+-- Statements of jobqctl and the http child: status, process lists, bulk operations, events.
+
+-- name: queue_status
+-- One row per queue that has jobs or a row in queues. The waiting jobs are split without
+-- overlap: `queued` can run now, `scheduled` waits for its first run_at, `retrying` waits out a
+-- retry backoff. `per_minute` counts jobs that ended succeeded or dead in the last 5 minutes.
+WITH counts AS (
+    SELECT queue,
+           count(*) FILTER (WHERE state = 'queued' AND run_at <= now()) AS queued,
+           count(*) FILTER (WHERE state = 'queued' AND run_at > now() AND attempt = 0)
+               AS scheduled,
+           count(*) FILTER (WHERE state = 'queued' AND run_at > now() AND attempt > 0)
+               AS retrying,
+           count(*) FILTER (WHERE state = 'running') AS running,
+           count(*) FILTER (WHERE state = 'dead') AS dead,
+           count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
+           count(*) FILTER (WHERE state = 'succeeded'
+                              AND finished_at > now() - interval '1 hour') AS succeeded_1h,
+           count(*) FILTER (WHERE state IN ('succeeded', 'dead')
+                              AND finished_at > now() - interval '5 minutes') / 5.0
+               AS per_minute,
+           extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
+                                                            AND run_at <= now()))::float8
+               AS oldest_age
+      FROM {schema}.jobs
+     GROUP BY queue
+)
+SELECT coalesce(c.queue, q.name) AS queue,
+       coalesce(q.paused, false) AS paused,
+       coalesce(q.events, false) AS events,
+       coalesce(c.queued, 0) AS queued,
+       coalesce(c.scheduled, 0) AS scheduled,
+       coalesce(c.retrying, 0) AS retrying,
+       coalesce(c.running, 0) AS running,
+       coalesce(c.dead, 0) AS dead,
+       coalesce(c.cancelled, 0) AS cancelled,
+       coalesce(c.succeeded_1h, 0) AS succeeded_1h,
+       coalesce(c.per_minute, 0)::float8 AS per_minute,
+       c.oldest_age
+  FROM counts c
+  FULL JOIN {schema}.queues q ON q.name = c.queue
+ ORDER BY 1
+
+-- name: processes
+-- The registered processes, with their heartbeat age in database time.
+SELECT id, host, pid, role, queue, started_at, heartbeat_at,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age, metadata
+  FROM {schema}.processes
+ ORDER BY host, role, queue NULLS FIRST, pid
+
+-- name: queue_depth
+-- Jobs per queue and state, and how long the oldest due job has waited: the /metrics gauges.
+SELECT queue, state, count(*) AS jobs,
+       extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
+                                                        AND run_at <= now()))::float8
+           AS oldest_age
+  FROM {schema}.jobs
+ GROUP BY queue, state
+UNION ALL
+SELECT name, NULL, 0, NULL FROM {schema}.queues
+
+-- name: count_in_state
+SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = %(state)s
+
+-- name: cancel_queue
+-- Bulk form of cancel(): the same columns, for one queue's queued or running jobs.
+UPDATE {schema}.jobs SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL,
+                         locked_by = NULL
+ WHERE queue = %(queue)s AND state = %(state)s AND state IN ('queued', 'running')
+
+-- name: delete_jobs
+-- Running jobs are left alone: their worker still holds a lease (cancel them first).
+DELETE FROM {schema}.jobs WHERE id = ANY(%(ids)s::bigint[]) AND state <> 'running'
+RETURNING id
+
+-- name: job_states
+SELECT id, state FROM {schema}.jobs WHERE id = ANY(%(ids)s::bigint[])
+
+-- name: set_events
+SELECT {schema}.set_events(%(queue)s, %(enabled)s)
+
+-- name: events_queues
+SELECT name FROM {schema}.queues WHERE events ORDER BY name
+
+-- name: database_now
+SELECT now()
+
+-- name: advisory_lock_holder
+-- The backend holding a session advisory lock on a bigint key (split as Postgres stores it).
+SELECT pid FROM pg_locks
+ WHERE locktype = 'advisory' AND granted AND objsubid = 1
+   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND classid::bigint = %(classid)s AND objid::bigint = %(objid)s
+ LIMIT 1
