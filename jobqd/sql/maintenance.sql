@@ -93,7 +93,8 @@ SELECT id, host, pid, role, queue, heartbeat_at FROM {schema}.processes
 -- The leases of silent processes end now rather than at their expiry; reap_expired then
 -- treats those jobs like any other expired lease (first, as -infinity sorts first).
 UPDATE {schema}.jobs SET lease_expires_at = '-infinity'
- WHERE state = 'running' AND locked_by = ANY(%(process_ids)s::bigint[])
+ WHERE state = 'running' AND lease_expires_at IS NOT NULL
+   AND locked_by = ANY(%(process_ids)s::bigint[])
 
 -- name: remove_processes
 -- Only rows still silent: a process that came back meanwhile keeps its registration.
@@ -225,7 +226,8 @@ SELECT name FROM {schema}.queues
 -- each an index range scan. Finished states other than dead are not counted (that would read
 -- most of the table every few seconds).
 SELECT (SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = 'queued'),
-       (SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = 'running'),
+       (SELECT count(*) FROM {schema}.jobs
+         WHERE queue = %(queue)s AND state = 'running' AND lease_expires_at IS NOT NULL),
        (SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = 'dead'),
        (SELECT extract(epoch FROM now() - min(run_at)) FROM {schema}.jobs
          WHERE queue = %(queue)s AND state = 'queued' AND run_at <= now())
