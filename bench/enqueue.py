@@ -1,7 +1,9 @@
 """Enqueue throughput against the database's own floor, measured side by side in one run.
 
-- single: Client.enqueue, one job per call and per commit, against a bare one-row
-  INSERT + commit into the same jobs table from the same driver (no function, no NOTIFY);
+- single: one job per call and per commit, through the SQL function (what any language
+  calls) and through Client.enqueue, against a bare one-row INSERT + commit into the same
+  jobs table from the same driver (no function, no NOTIFY), with and without RETURNING id
+  (an enqueue has to return the id, so that is the like-for-like floor);
 - bulk: Client.enqueue_many against COPY of the same rows into the same table.
 
 Rounds alternate between the two sides so that noise on a shared machine hits both alike;
@@ -61,7 +63,8 @@ def main() -> None:
     dsn = prepare(args.dsn)
     client = Client(dsn)
     payload = json.dumps({"user_id": 7})
-    results: dict[str, list[float]] = {k: [] for k in ("insert", "enqueue", "copy", "many")}
+    sides = ("insert", "returning", "sql", "enqueue", "copy", "many")
+    results: dict[str, list[float]] = {k: [] for k in sides}
 
     with psycopg.connect(dsn, autocommit=True) as conn:
 
@@ -74,6 +77,21 @@ def main() -> None:
                     "INSERT INTO jobqd.jobs (queue, task, args) VALUES (%s, %s, %s::jsonb)",
                     ("default", "send_welcome", payload),
                 )
+
+        def bare_inserts_returning() -> None:
+            for _ in range(args.single):
+                conn.execute(
+                    "INSERT INTO jobqd.jobs (queue, task, args) VALUES (%s, %s, %s::jsonb)"
+                    " RETURNING id",
+                    ("default", "send_welcome", payload),
+                ).fetchone()
+
+        def sql_enqueues() -> None:
+            for _ in range(args.single):
+                conn.execute(
+                    "SELECT jobqd.enqueue(%s, %s, %s::jsonb)",
+                    ("default", "send_welcome", payload),
+                ).fetchone()
 
         def enqueues() -> None:
             for _ in range(args.single):
@@ -90,6 +108,8 @@ def main() -> None:
 
         for _ in range(args.rounds):
             results["insert"].append(rate(args.single, bare_inserts, reset))
+            results["returning"].append(rate(args.single, bare_inserts_returning, reset))
+            results["sql"].append(rate(args.single, sql_enqueues, reset))
             results["enqueue"].append(rate(args.single, enqueues, reset))
             results["copy"].append(rate(args.bulk, copy_rows, reset))
             results["many"].append(rate(args.bulk, enqueue_many, reset))
@@ -98,6 +118,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     for name, label in (
         ("insert", "bare INSERT + commit, 1 row"),
+        ("returning", "bare INSERT RETURNING id"),
+        ("sql", "SELECT jobqd.enqueue(...)"),
         ("enqueue", "Client.enqueue, 1 job"),
         ("copy", "COPY"),
         ("many", "Client.enqueue_many"),
@@ -107,8 +129,12 @@ def main() -> None:
             f"{label:32} median {med[name]:9,.0f} jobs/s "
             f"(range {min(values):,.0f}-{max(values):,.0f}, n={len(values)})"
         )
-    print(f"enqueue / bare insert: {med['enqueue'] / med['insert']:.2f}")
-    print(f"enqueue_many / COPY:   {med['many'] / med['copy']:.2f}")
+    for name, label in (("sql", "SQL enqueue"), ("enqueue", "Client.enqueue")):
+        print(
+            f"{label} / bare insert: {med[name] / med['insert']:.2f}"
+            f" (/ INSERT RETURNING id: {med[name] / med['returning']:.2f})"
+        )
+    print(f"enqueue_many / COPY: {med['many'] / med['copy']:.2f}")
 
 
 if __name__ == "__main__":

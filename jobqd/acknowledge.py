@@ -12,11 +12,7 @@ from __future__ import annotations
 import psycopg
 
 from jobqd.execute import SUCCEEDED, Outcome
-from jobqd.sql import Queries, int_array, text_array
-
-
-def _floats(values: list[float | None]) -> str:
-    return "{" + ",".join("NULL" if v is None else repr(float(v)) for v in values) + "}"
+from jobqd.sql import Queries, float_array, int_array, text_array
 
 
 def _bools(values: list[bool]) -> str:
@@ -49,7 +45,7 @@ def send_acknowledge(
                 "ids": int_array([o.job.id for o in other]),
                 "tokens": int_array([o.job.lease_token for o in other]),
                 "states": text_array([o.state for o in other]),
-                "delays": _floats([o.delay for o in other]),
+                "delays": float_array([o.delay for o in other]),
                 "results": text_array([o.result for o in other]),
                 "errors": text_array([o.error for o in other]),
                 "snoozes": _bools([o.snooze for o in other]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+from datetime import datetime
 from importlib import resources
 
 _HEADER = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
@@ -60,6 +61,21 @@ def int_array(values: list[int]) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
+def nullable_int_array(values: list[int | None]) -> str:
+    """A Postgres array literal for integers that may be NULL; refuses anything else."""
+    return "{" + ",".join(_integer(v) for v in values) + "}"
+
+
+def float_array(values: list[float | None]) -> str:
+    """A Postgres array literal for float8 (NULL for None)."""
+    return "{" + ",".join("NULL" if v is None else repr(float(v)) for v in values) + "}"
+
+
+def timestamp_array(values: list[datetime | None]) -> str:
+    """A Postgres array literal for timestamptz (NULL for None), in ISO 8601."""
+    return "{" + ",".join("NULL" if v is None else _timestamp(v) for v in values) + "}"
+
+
 def text_array(values: list[str | None]) -> str:
     """A Postgres array literal for text (NULL for None), quoted and escaped."""
     return "{" + ",".join(_element(v) for v in values) + "}"
@@ -68,4 +84,20 @@ def text_array(values: list[str | None]) -> str:
 def _element(value: str | None) -> str:
     if value is None:
         return "NULL"
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, got {value!r}")
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _integer(value: int | None) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"expected an integer, got {value!r}")
+
+
+def _timestamp(value: datetime) -> str:
+    if not isinstance(value, datetime):
+        raise TypeError(f"expected a datetime, got {value!r}")
+    return '"' + value.isoformat() + '"'

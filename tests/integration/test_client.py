@@ -174,6 +174,19 @@ def test_enqueue_many_large_batch_is_atomic_and_complete(client, conn):
     assert conn.execute("SELECT count(*) FROM jobqd.jobs").fetchone()[0] == 12_345
 
 
+def test_enqueue_many_run_at_per_item_and_wrong_types_refused(client, conn):
+    when = dt.datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    ids = client.enqueue_many([{"task": "t", "run_at": when}, ("t", None)], delay=60)
+    run_ats = dict(conn.execute("SELECT id, run_at FROM jobqd.jobs").fetchall())
+    assert run_ats[ids[0]] == when
+    assert dt.timedelta(seconds=50) < run_ats[ids[1]] - conn.execute("SELECT now()").fetchone()[0]
+    with pytest.raises(TypeError, match="expected an integer, got '5'"):
+        client.enqueue_many([{"task": "t", "priority": "5"}])
+    with pytest.raises(TypeError, match="expected text, got 7"):
+        client.enqueue_many([(7, {})])
+    assert conn.execute("SELECT count(*) FROM jobqd.jobs").fetchone()[0] == 2
+
+
 def test_enqueue_many_dedup_against_existing_job(client):
     existing = client.enqueue("t", queue="q", dedup_key="k")
     assert client.enqueue_many([{"task": "t", "dedup_key": "k"}], queue="q") == [existing]
@@ -184,6 +197,8 @@ NASTY = [
     'q"\\x\\\\;',
     "$$ $1 %s %(x)s {schema} \x01",
     "ünïcødé — 🚀",
+    "NULL",
+    '{a,"b"} ',
 ]
 
 
@@ -191,14 +206,19 @@ NASTY = [
 def test_names_and_args_are_stored_verbatim(client, conn, name):
     job_id = client.enqueue(name, {name: name}, queue=name, dedup_key=name)
     sql_id = conn.execute("SELECT jobqd.enqueue(%s, %s, %s::jsonb)", (name, name, '{"a": 1}'))
-    many = client.enqueue_many([(name, {"k": name})], queue=name)
+    many = client.enqueue_many(
+        [(name, {"k": name}), {"task": name, "queue": name + "2", "dedup_key": name}],
+        queue=name,
+    )
     client.pause(name)
     client.resume(name)
     info = client.get(job_id)
     assert (info.queue, info.task, info.args, info.dedup_key) == (name, name, {name: name}, name)
     assert client.get(sql_id.fetchone()[0]).queue == name
     assert client.get(many[0]).args == {"k": name}
-    assert conn.execute("SELECT count(*) FROM jobqd.jobs").fetchone()[0] == 3
+    second = client.get(many[1])
+    assert (second.task, second.queue, second.dedup_key) == (name, name + "2", name)
+    assert conn.execute("SELECT count(*) FROM jobqd.jobs").fetchone()[0] == 4
     assert conn.execute("SELECT name FROM jobqd.queues").fetchone()[0] == name
 
 
