@@ -65,6 +65,23 @@ def effective_max_attempts(job_max: int | None, spec: TaskSpec | None, policy: P
     return policy.max_attempts
 
 
+def claimed_job(row: tuple[Any, ...], queue: str, registry: Registry, policy: Policy) -> Job:
+    """A Job from one row of the `claim` statement, its attempt limit resolved job > task >
+    queue policy."""
+    job_id, task, args, attempt, max_attempts, token, created, begun = row
+    return Job(
+        id=job_id,
+        queue=queue,
+        task=task,
+        args_json=args,
+        attempt=attempt,
+        max_attempts=effective_max_attempts(max_attempts, registry.get(task), policy),
+        lease_token=token,
+        created_at=created,
+        started_at=begun,
+    )
+
+
 def _encode_result(value: Any) -> str | None:
     if value is None:
         return None

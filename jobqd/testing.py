@@ -33,6 +33,7 @@ from jobqd.execute import (
     Executor,
     Outcome,
     Policy,
+    claimed_job,
     effective_max_attempts,
 )
 from jobqd.sql import queries
@@ -181,19 +182,9 @@ def drain(
                 if not rows:
                     return counts
                 outcomes = []
-                for job_id, task, args, attempt, max_attempts, token, *_ in rows:
-                    job = Job(
-                        id=job_id,
-                        queue=queue,
-                        task=task,
-                        args_json=args,
-                        attempt=attempt,
-                        max_attempts=effective_max_attempts(
-                            max_attempts, registry.get(task), policy
-                        ),
-                        lease_token=token,
-                    )
-                    if _matches(task, ignore):
+                for row in rows:
+                    job = claimed_job(row, queue, registry, policy)
+                    if _matches(job.task, ignore):
                         outcomes.append(Outcome(job, DEAD, error=_ignored(job)))
                     else:
                         outcomes.append(executor.run(job))

@@ -30,8 +30,7 @@ from psycopg import sql as pgsql
 from jobqd.acknowledge import send_acknowledge, written
 from jobqd.backoff import Backoff
 from jobqd.db import connect
-from jobqd.execute import QUEUED, SUCCEEDED, Executor, Outcome, Policy
-from jobqd.execute import effective_max_attempts as _effective_max_attempts
+from jobqd.execute import QUEUED, SUCCEEDED, Executor, Outcome, Policy, claimed_job
 from jobqd.ipc import Sender
 from jobqd.observe.metrics import Registry as MetricsRegistry
 from jobqd.observe.metrics import define_jobqd_metrics
@@ -430,22 +429,10 @@ class Worker:
         policy, queue = self.executor.policy, self.config.queue
         claimed: Counter[str] = Counter()
         with self._lock:
-            for job_id, task, args, attempt, max_attempts, token, created, begun in rows:
-                job = Job(
-                    id=job_id,
-                    queue=queue,
-                    task=task,
-                    args_json=args,
-                    attempt=attempt,
-                    max_attempts=_effective_max_attempts(
-                        max_attempts, self.registry.get(task), policy
-                    ),
-                    lease_token=token,
-                    created_at=created,
-                    started_at=begun,
-                )
-                self._running[job_id] = job
-                claimed[task] += 1
+            for row in rows:
+                job = claimed_job(row, queue, self.registry, policy)
+                self._running[job.id] = job
+                claimed[job.task] += 1
                 self._ready.put(job)
         for task, n in claimed.items():
             self.metrics.jobs_started.inc(queue, task, amount=n)

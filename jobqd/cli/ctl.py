@@ -153,14 +153,25 @@ def resolve(
 # -- parsing helpers -------------------------------------------------------------------------
 
 
-def _job_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"job ids are whole numbers, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"job ids are positive, got {text!r}")
-    return value
+def _positive_whole_number(what: str) -> Callable[[str], int]:
+    """An argparse type for ids and counts, whose error names what was expected."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a positive whole number, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+_job_id = _positive_whole_number("a job id")
+_positive_int = _positive_whole_number("the value")
 
 
 def _duration(text: str) -> float:
@@ -188,16 +199,6 @@ def _json_args(text: str) -> Any:
             f"--args is not valid JSON ({exc.msg} at character {exc.pos}): "
             """quote it for the shell, e.g. --args '{"user_id": 7}'"""
         ) from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 # -- commands --------------------------------------------------------------------------------
