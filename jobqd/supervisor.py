@@ -214,7 +214,8 @@ class Supervisor:
                     names = ", ".join(f"{m.version:04d}_{m.name}" for m in todo)
                     log.info("migrating schema %s: %s", database.schema, names)
                     sdnotify.notify("STATUS=migrating")
-                    migrations.migrate(conn, database.schema)
+                    with sdnotify.long_start_step("migrating (or waiting for another node's)"):
+                        migrations.migrate(conn, database.schema)
                     log.info("migrations applied")
                 else:
                     log.info("schema %s is up to date", database.schema)

@@ -9,6 +9,12 @@ processes: each child counts into its own :class:`Registry` and sends
 Gauges are absolute values. The master keeps, per gauge sample, the last value each
 *source* (child) reported and renders their sum, so that two workers of one queue add up;
 call :meth:`Registry.forget` when a child exits. Without a source, the last write wins.
+
+Why not prometheus_client: its multiprocess mode keeps one mmap file per process and metric
+in a shared directory that must be wiped at start and pruned when a child dies, and it cannot
+keep a counter going across a child's restart without keeping the dead child's files. The
+children already report to the master through a pipe each second, so adding a delta there is
+less machinery, keeps nothing on disk and costs the hot path one dict update per batch.
 """
 
 from __future__ import annotations

@@ -11,9 +11,12 @@ import statistics
 import struct
 import time
 
+import psycopg
 import pytest
-from e2e_daemon import base_config
-from helpers import wait_for
+from e2e_daemon import Daemon, base_config, daemon_env
+from helpers import scalar, wait_for
+
+from jobqd.migrate import lock_key
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
@@ -84,3 +87,27 @@ def test_ready_status_watchdog_reloading_stopping(jobqd, ledger, notify_socket):
     order = [k for _, _, f in notify_socket.receive() for k in f if k != "STATUS"]
     assert order.index("READY") < order.index("RELOADING") < order.index("STOPPING")
     assert {pid for pid, _, _ in notify_socket.receive()} == {daemon.pid}
+
+
+def test_a_start_held_up_by_another_nodes_migration_reports_progress(
+    empty_dsn, tmp_path, notify_socket
+):
+    env = daemon_env(empty_dsn, tmp_path, NOTIFY_SOCKET=notify_socket.path)
+    daemon = Daemon(tmp_path, empty_dsn, env)
+    daemon.write_config(base_config(empty_dsn))
+    try:
+        with psycopg.connect(empty_dsn, autocommit=True) as other_node:
+            other_node.execute("SELECT pg_advisory_lock(%s)", (lock_key("jobqd", "migrate"),))
+            daemon.start()
+            [extend] = wait_for(
+                lambda: notify_socket.having("EXTEND_TIMEOUT_USEC"), timeout=15, what="progress"
+            )
+            assert extend["EXTEND_TIMEOUT_USEC"] == "15000000"
+            assert extend["STATUS"].startswith("migrating (or waiting for another node's) (")
+            assert daemon.find_log(lambda r: "still at it after" in r.get("message", ""))
+            assert not notify_socket.having("READY")
+        # The other node's session ended, and its lock with it: this one migrates and starts.
+        wait_for(lambda: notify_socket.having("READY", "1"), what="READY=1 after the lock")
+        assert scalar(empty_dsn, "SELECT count(*) FROM jobqd.migrations") >= 1
+    finally:
+        daemon.stop()
