@@ -346,6 +346,7 @@ class QueueSettings:
     max_memory: int | None = _key(None, _size)  # bytes of RSS, then the process is replaced
     completion_batch: int = _key(100, _integer(1))  # outcomes per acknowledge statement
     completion_interval: float = _key(0.005, _duration())  # longest wait to fill a batch
+    events: bool | None = _key(None, _boolean)  # job end events; None: as jobqctl events set
     retention: QueueRetention = _section(QueueRetention)
     aging: AgingSettings | None = _section(AgingSettings, default=None)
 

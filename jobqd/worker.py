@@ -65,6 +65,7 @@ class WorkerConfig:
     max_memory: int | None = None
     completion_batch: int = 100
     completion_interval: float = 0.005
+    events: bool | None = None
     shutdown_timeout: float = 30.0
     statement_timeout: float = 30.0
     slot: int = 0
@@ -94,6 +95,7 @@ class WorkerConfig:
             max_memory=q.max_memory,
             completion_batch=q.completion_batch,
             completion_interval=q.completion_interval,
+            events=q.events,
             shutdown_timeout=settings.shutdown_timeout,
             statement_timeout=settings.database.statement_timeout,
             slot=slot,
@@ -248,7 +250,8 @@ class Worker:
 
     def sync_definitions(self) -> None:
         """Tell the database this queue's and these tasks' retry and delivery settings, which
-        the reaper needs for jobs whose worker died."""
+        the reaper needs for jobs whose worker died, and the queue's events switch if the
+        config sets it."""
         db = self._db()
         db.execute(
             self.sql.sync_queue,
@@ -258,6 +261,11 @@ class Worker:
                 "delivery": self.config.delivery,
             },
         )
+        if self.config.events is not None:
+            db.execute(
+                self.sql.sync_events,
+                {"queue": self.config.queue, "enabled": self.config.events},
+            )
         for spec in self.registry.specs():
             if spec.max_attempts is not None or spec.delivery is not None:
                 db.execute(

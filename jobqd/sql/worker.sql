@@ -108,6 +108,11 @@ ON CONFLICT (name) DO UPDATE
  WHERE (queues.max_attempts, queues.delivery)
        IS DISTINCT FROM (excluded.max_attempts, excluded.delivery)
 
+-- name: sync_events
+-- Only a change calls set_events, which briefly locks the jobs table to switch its trigger.
+SELECT {schema}.set_events(name, %(enabled)s) FROM {schema}.queues
+ WHERE name = %(queue)s AND events IS DISTINCT FROM %(enabled)s
+
 -- name: sync_task
 INSERT INTO {schema}.tasks (name, max_attempts, delivery, updated_at)
 VALUES (%(name)s, %(max_attempts)s, %(delivery)s, now())

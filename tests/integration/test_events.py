@@ -61,13 +61,14 @@ def test_job_events_are_off_until_the_queue_opts_in(client, conn):
 
 
 def test_worker_outcomes_are_published_once_per_end(client, conn, dsn):
-    events.set_events(conn, "jobqd", "default", True)
     received: list = []
     listener = client.listen(timeout=30.0)
     reader = collect(listener, received, until=4)
     ok = [client.enqueue("test.noop") for _ in range(3)]
     failing = client.enqueue("test.fail")
-    worker = spawn_worker(WorkerConfig(dsn=dsn, schema="jobqd", queue="default"), dsn)
+    # `events: true` in the queue's config turns them on when its worker starts.
+    config = WorkerConfig(dsn=dsn, schema="jobqd", queue="default", events=True)
+    worker = spawn_worker(config, dsn)
     try:
         reader.join(30)
         assert not reader.is_alive(), f"only {received} arrived"
@@ -78,6 +79,13 @@ def test_worker_outcomes_are_published_once_per_end(client, conn, dsn):
     assert len(received) == 4  # retries of test.fail (back to queued) send nothing
     assert {by_id[i].state for i in ok} == {"succeeded"}
     assert (by_id[failing].state, by_id[failing].attempt) == ("dead", 3)
+
+    quiet = spawn_worker(WorkerConfig(dsn=dsn, schema="jobqd", queue="default", events=False), dsn)
+    try:
+        wait_for(lambda: trigger_state(conn) == "D", what="events: false to switch them off")
+    finally:
+        os.kill(quiet.pid, signal.SIGTERM)
+        quiet.join(10)
 
 
 def test_queue_filter_and_bundle_events(client, conn):
