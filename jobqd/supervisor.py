@@ -110,6 +110,9 @@ class Supervisor:
         self._ready = False
         self._ready_deadline = math.inf
         self._worker_booted = False
+        # Per queue, the process ids of worker children that died: the next worker of the
+        # queue takes their jobs back at once.
+        self._orphans: dict[str, list[int]] = {}
         self._status = ""
         self._reload_failed = False
         self._watchdog = sdnotify.watchdog_interval()
@@ -288,11 +291,14 @@ class Supervisor:
             feed_read, feed_write = os.pipe()
             with contextlib.suppress(OSError):
                 fcntl.fcntl(feed_write, _F_SETPIPE_SZ, _FEED_PIPE_SIZE)
+        orphans = tuple(self._orphans.pop(spec.queue or "", ())) if spec.kind == WORKER else ()
         signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+            if orphans:
+                self._orphans.setdefault(spec.queue or "", []).extend(orphans)
             for fd in (read_fd, write_fd, feed_read, feed_write):
                 if fd is not None:
                     os.close(fd)
@@ -302,7 +308,7 @@ class Supervisor:
         if pid == 0:
             own_ends = [read_fd] if feed_write is None else [read_fd, feed_write]
             run_and_exit(
-                lambda: self._child_main(spec, write_fd, feed_read, own_ends),
+                lambda: self._child_main(spec, write_fd, feed_read, own_ends, orphans),
                 spec.name,
                 {"child": spec.name},
             )
@@ -324,7 +330,12 @@ class Supervisor:
             self._next_feed = 0.0
 
     def _child_main(
-        self, spec: ChildSpec, write_fd: int, feed_fd: int | None, master_ends: list[int]
+        self,
+        spec: ChildSpec,
+        write_fd: int,
+        feed_fd: int | None,
+        master_ends: list[int],
+        orphans: tuple[int, ...],
     ) -> int:
         """Runs in the forked child: clean up what came from the master, then serve. The
         master's ends of this child's own pipes are closed too, so that a dead master shows
@@ -352,7 +363,9 @@ class Supervisor:
             from jobqd.worker import serve as serve_worker
 
             assert spec.queue is not None
-            worker_config = WorkerConfig.from_settings(self.dsn, settings, spec.queue, spec.slot)
+            worker_config = WorkerConfig.from_settings(
+                self.dsn, settings, spec.queue, spec.slot, orphans
+            )
             return serve_worker(
                 worker_config,
                 imports=settings.imports,
@@ -434,6 +447,10 @@ class Supervisor:
         self.registry.forget(child.source)
         how, fields = describe_exit(status, killed_by_us=child.killed)
         fields.update(child.fields())
+        if child.spec.kind == WORKER and child.process_id is not None:
+            # Gone for sure: whatever it still held can be given back without waiting for
+            # leases to expire. (A worker that exited cleanly held nothing: a no-op.)
+            self._orphans.setdefault(child.spec.queue or "", []).append(child.process_id)
         if child.stopping_since is not None or self._stopping is not None:
             log.info("%s exited: %s", child.spec.name, how, extra=fields)
             return

@@ -66,6 +66,7 @@ class WorkerConfig:
     completion_batch: int = 100
     completion_interval: float = 0.005
     events: bool | None = None
+    orphans: tuple[int, ...] = ()  # process ids of this queue's workers the master saw die
     shutdown_timeout: float = 30.0
     statement_timeout: float = 30.0
     slot: int = 0
@@ -76,10 +77,13 @@ class WorkerConfig:
         return self.heartbeat or self.lease / 3
 
     @classmethod
-    def from_settings(cls, dsn: str, settings: Any, queue: str, slot: int = 0) -> WorkerConfig:
+    def from_settings(
+        cls, dsn: str, settings: Any, queue: str, slot: int = 0, orphans: tuple[int, ...] = ()
+    ) -> WorkerConfig:
         q = settings.queues[queue]
         return cls(
             dsn=dsn,
+            orphans=orphans,
             schema=settings.database.schema,
             queue=queue,
             concurrency=q.concurrency,
@@ -248,6 +252,25 @@ class Worker:
         )
         self.process_id = row[0]
 
+    def take_back(self, process_ids: tuple[int, ...]) -> None:
+        """Give back at once the jobs of predecessors the master saw die, rather than leave
+        them to the reaper when their leases expire: a dead process cannot write any more.
+        They go through the reaper's own statement, so retries, attempt limits and
+        at-most-once delivery are decided exactly as for an expired lease."""
+        db = self._db()
+        with db.transaction():
+            revoked = db.execute(self.sql.revoke_leases, {"process_ids": list(process_ids)})
+            count = revoked.rowcount
+            rows = db.execute(self.sql.reap_expired, {"batch": max(count, 1)}).fetchall()
+            for process_id in process_ids:
+                db.execute(self.sql.deregister_process, {"process_id": process_id})
+        for job_id, queue, task, state, attempt in rows:
+            log.warning(
+                "job of a worker process that died taken back: %s",
+                "dead (no attempts left or at-most-once)" if state == "dead" else "queued again",
+                extra={"job_id": job_id, "queue": queue, "task": task, "attempt": attempt},
+            )
+
     def sync_definitions(self) -> None:
         """Tell the database this queue's and these tasks' retry and delivery settings, which
         the reaper needs for jobs whose worker died, and the queue's events switch if the
@@ -279,6 +302,8 @@ class Worker:
 
     def run(self) -> int:
         """Serve the queue until stopped; returns the process exit code."""
+        if self.config.orphans:
+            self.take_back(self.config.orphans)
         self.register()
         self.sync_definitions()
         if self.sender:

@@ -35,9 +35,10 @@ def test_jobs_enqueued_with_sql_are_run(jobqd, ledger):
     assert daemon.wait(15) == 0
 
 
-def test_killed_worker_is_restarted_and_its_job_runs_again_after_lease_expiry(jobqd, ledger):
+def test_killed_worker_is_restarted_and_its_job_runs_again_at_once(jobqd, ledger):
     config = base_config(ledger)
-    config["queues"]["default"] = {"processes": 1, "concurrency": 2, "lease": "3s"}
+    # A lease far longer than the test: the job must not wait for it to expire.
+    config["queues"]["default"] = {"processes": 1, "concurrency": 2, "lease": "10m"}
     daemon = jobqd(config)
     worker = daemon.booted("worker default#0")
     [job] = enqueue(ledger, "test.sleep", {"seconds": 1})
@@ -51,9 +52,10 @@ def test_killed_worker_is_restarted_and_its_job_runs_again_after_lease_expiry(jo
     exit_line = daemon.wait_log(lambda r: r.get("child_pid") == worker and "signal" in r)
     assert exit_line["signal"] == "SIGKILL" and "out of memory?" in exit_line["message"]
 
-    # The maintenance child's reaper takes the job back once its 3s lease expired.
+    # The master saw the worker die, so its replacement takes the job back at once (with the
+    # reaper's backoff of 1s for a first attempt) instead of after the 10 minute lease.
     wait_for(
-        lambda: states(ledger, [job]) == {"succeeded": 1}, timeout=25, what="the job to run again"
+        lambda: states(ledger, [job]) == {"succeeded": 1}, timeout=10, what="the job to run again"
     )
     with psycopg.connect(ledger, autocommit=True) as conn:
         runs = conn.execute(
@@ -61,7 +63,14 @@ def test_killed_worker_is_restarted_and_its_job_runs_again_after_lease_expiry(jo
             "ORDER BY attempt",
             (job,),
         ).fetchall()
+        [(error,)] = conn.execute("SELECT errors FROM jobqd.jobs WHERE id = %s", (job,))
+        dead_rows = conn.execute(
+            "SELECT count(*) FROM jobqd.processes WHERE pid = %s", (worker,)
+        ).fetchone()[0]
     assert runs == [(1, worker), (2, replacement)]
+    assert error[0]["kind"] == "LeaseExpired" and f"pid {worker}" in error[0]["message"]
+    assert dead_rows == 0, "the dead worker's registration is removed"
+    assert daemon.find_log(lambda r: r.get("job_id") == job and "taken back" in r["message"])
 
 
 CRASHING_MODULE = '''
