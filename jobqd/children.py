@@ -132,6 +132,7 @@ class Child:
     receiver: Receiver = field(init=False)
     listening: bool = True  # its pipe is registered in the master's selector
     booted_at: float | None = None
+    last_heard: float = field(default_factory=time.monotonic)  # its last message
     process_id: int | None = None  # its row in jobqd.processes, from `booted`
     busy: int = 0
     concurrency: int = 0

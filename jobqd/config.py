@@ -437,6 +437,7 @@ class Settings:
     database: DatabaseSettings = _section(DatabaseSettings, shorthand="url")
     imports: tuple[str, ...] = _key((), _modules)  # modules whose @task functions register
     shutdown_timeout: float = _key(30.0, _duration())  # drain: how long running jobs may finish
+    child_timeout: float = _key(120.0, _duration(5.0))  # a child silent this long is killed
     log: LogSettings = _section(LogSettings)
     queues: FrozenDict = _entries(
         QueueSettings, lambda: FrozenDict({DEFAULT_QUEUE: QueueSettings()})

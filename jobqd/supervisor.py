@@ -265,6 +265,8 @@ class Supervisor:
                 deadlines.append(child.quit_at)
             if child.kill_at is not None and not child.killed:
                 deadlines.append(child.kill_at)
+            if self._watched(child):
+                deadlines.append(child.last_heard + self.settings.child_timeout)
         if self._stopping is None:
             running = {c.spec for c in self.children.values() if c.stopping_since is None}
             for spec in self.specs:
@@ -405,6 +407,7 @@ class Supervisor:
                 return
 
     def _message(self, child: Child, message: dict[str, Any]) -> None:
+        child.last_heard = time.monotonic()
         kind = message.get("kind")
         if kind == "booted" and not child.booted:
             child.booted_at = time.monotonic()
@@ -534,8 +537,23 @@ class Supervisor:
             child.kill_at = min(child.kill_at or math.inf, now + FAST_STOP_GRACE)
         self._enforce_deadlines(now)
 
+    def _watched(self, child: Child) -> bool:
+        """Whether `child` must keep reporting: booted, wanted, not already being killed."""
+        return child.booted and child.stopping_since is None and not child.killed
+
     def _enforce_deadlines(self, now: float) -> None:
         for child in self.children.values():
+            if self._watched(child) and now - child.last_heard > self.settings.child_timeout:
+                child.killed = True
+                log.error(
+                    "%s sent nothing for %.0fs (child_timeout): it is hung; killing it and "
+                    "starting another. If this repeats, look for a task that blocks in C code "
+                    "or holds the GIL",
+                    child.spec.name,
+                    now - child.last_heard,
+                    extra=child.fields(),
+                )
+                child.signal(signal.SIGKILL)
             if child.quit_at is not None and now >= child.quit_at and not child.quit_sent:
                 child.quit_sent = True
                 if self._stopping != "fast":

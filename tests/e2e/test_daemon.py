@@ -73,6 +73,33 @@ def test_killed_worker_is_restarted_and_its_job_runs_again_at_once(jobqd, ledger
     assert daemon.find_log(lambda r: r.get("job_id") == job and "taken back" in r["message"])
 
 
+def test_a_hung_worker_is_killed_after_child_timeout_and_its_job_runs_again(jobqd, ledger):
+    config = base_config(ledger)
+    config["child_timeout"] = "5s"
+    config["queues"]["default"] = {"processes": 1, "concurrency": 2, "lease": "10m"}
+    daemon = jobqd(config)
+    worker = daemon.booted("worker default#0")
+    [job] = enqueue(ledger, "test.sleep", {"seconds": 1})
+    wait_for(lambda: ledger_count(ledger, "job_id = %s", (job,)), what="the job to start")
+
+    os.kill(worker, signal.SIGSTOP)  # alive, but it will never report again
+    stopped_at = time.monotonic()
+    replacement = daemon.booted("worker default#0", other_than=worker)
+    assert 5.0 <= time.monotonic() - stopped_at < 9.0
+    hung = daemon.find_log(
+        lambda r: r.get("child_pid") == worker and "(child_timeout)" in r.get("message", "")
+    )
+    assert hung is not None and hung["level"] == "ERROR"
+    exit_line = daemon.wait_log(lambda r: r.get("child_pid") == worker and "signal" in r)
+    assert exit_line["signal"] == "SIGKILL" and "out of memory" not in exit_line["message"]
+
+    wait_for(
+        lambda: states(ledger, [job]) == {"succeeded": 1}, timeout=10, what="the job to run again"
+    )
+    started = "job_id = %s AND pid = %s AND task = 'test.sleep'"
+    assert ledger_count(ledger, started, (job, replacement)) == 1
+
+
 CRASHING_MODULE = '''
 """Fails to import in the process whose title contains $CRASH_IN: a worker of one queue."""
 import os
