@@ -132,6 +132,8 @@ def test_pause_on_one_node_stops_claiming_on_another(nodes, ledger):
 
     sleepers = enqueue(ledger, "test.sleep", {"seconds": 3}, count=4)
     wait_for(lambda: states(ledger, sleepers) == {"running": 4}, what="both nodes busy")
+    # Claimed is not yet started: wait until all four task bodies wrote their ledger rows.
+    wait_for(lambda: ledger_count(ledger) == 4, what="the four sleepers to start")
     by_node = scalar(ledger, "SELECT count(DISTINCT pid) FROM public.ledger")
     assert by_node == 2, "each node should be running two of the sleepers"
 
