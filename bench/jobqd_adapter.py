@@ -20,6 +20,20 @@ from jobqd.worker import Worker, WorkerConfig
 from .base import BaseAdapter
 
 
+class UnbatchedWorker(Worker):
+    """For measuring what batching outcomes gains (`--extra '{"unbatched":true}'`): the same
+    worker, but every outcome is written in a transaction of its own before the next claim."""
+
+    def _exchange(self, claim):
+        with self._lock:
+            batch, self._done = self._done, []
+        for outcome in batch:
+            with self._lock:
+                self._done.append(outcome)
+            super()._exchange(False)
+        super()._exchange(claim)
+
+
 class Adapter(BaseAdapter):
     tables = ["jobqd.jobs"]
     remaining_sql = "SELECT count(*) FROM jobqd.jobs WHERE state IN ('queued', 'running')"
@@ -70,7 +84,8 @@ class Adapter(BaseAdapter):
             completion_batch=extra.get("completion_batch", 100),
             completion_interval=extra.get("completion_interval", 0.005),
         )
-        worker = Worker(config, registry)
+        worker_class = UnbatchedWorker if extra.get("unbatched") else Worker
+        worker = worker_class(config, registry)
 
         async def run():
             loop = asyncio.get_running_loop()

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Run jobqd and its Python peers through the same shared harness, in one run, so figures can
 # be compared as ratios. Usage: bench/side_by_side.sh [reps=3] [n=20000]
-#   PEERS="pgqueuer procrastinate" (default) selects the peers run beside jobqd.
+#   PEERS="pgqueuer procrastinate" (default) selects the peers run beside jobqd; PEERS= none.
 #   JOBQD_SWEEP, PGQUEUER_SWEEP, PROCRASTINATE_SWEEP override the processing configs:
-#   "procs concurrency extra-json" items separated by ';', e.g. JOBQD_SWEEP='2 50 {};2 100 {}'.
+#   "procs concurrency extra-json" items separated by ';', e.g. JOBQD_SWEEP='2 50 {};2 100 {}'
+#   (no spaces inside the JSON). jobqd's default sweep ends with {"unbatched":true}: every
+#   outcome in a transaction of its own, to measure what writing them in batches gains.
 # The harness is copied to a scratch directory (never modified in place); results land in
 # bench/results/<date>/. Needs PostgreSQL on 127.0.0.1:5432 (PGHOST/PGUSER to change).
 set -euo pipefail
@@ -23,7 +25,7 @@ cd "$scratch"
 echo "== venvs (progress: one line per peer)"
 [ -x .venv-jobqd/bin/python ] || python3 -m venv .venv-jobqd
 .venv-jobqd/bin/pip install -q -e "$repo" && echo "jobqd installed"
-for peer in ${PEERS:-pgqueuer procrastinate}; do
+for peer in ${PEERS-pgqueuer procrastinate}; do
     [ -x ".venv-$peer/bin/python" ] || ./setup_venvs.sh "$peer"
     echo "$peer ready"
 done
@@ -51,7 +53,7 @@ sweep_for() {  # peer -> its sweep items, one per line
     local var default
     var=$(echo "$1" | tr a-z A-Z)_SWEEP
     case $1 in
-        jobqd) default='1 50 {};2 50 {};2 100 {}' ;;
+        jobqd) default='1 50 {};2 50 {};2 100 {};2 50 {"unbatched":true}' ;;
         pgqueuer) default='2 50 {};1 100 {}' ;;
         *) default='4 10 {}' ;;
     esac
@@ -59,7 +61,7 @@ sweep_for() {  # peer -> its sweep items, one per line
 }
 
 {
-    for peer in jobqd ${PEERS:-pgqueuer procrastinate}; do
+    for peer in jobqd ${PEERS-pgqueuer procrastinate}; do
         mapfile -t sweep < <(sweep_for "$peer")
         run "$peer" "${sweep[@]}"
     done
