@@ -3,7 +3,7 @@
 Every node runs one. A standby tries for the leader lock every `maintenance.standby_retry`
 (with jitter). The leader ticks every `maintenance.interval`, or sooner when a cron tick is
 due: it first proves it still holds the lock, then fires due cron ticks and, each on its own
-cadence, runs the reaper, the pruner, priority aging and the queue gauges, all on the session
+cadence, runs the reaper, the pruner and priority aging, all on the session
 that holds the lock (jobqd.leader). Any error on that session, or a verification older than
 the trust window, makes it step down at once: it closes the session, which frees the lock,
 and becomes a standby. The loop is one thread sleeping on a wake-up pipe that signals write to.
@@ -28,7 +28,6 @@ import psycopg
 from jobqd import cron, reaper
 from jobqd.config import Settings
 from jobqd.duties import aging, retention
-from jobqd.duties.stats import QueueGauges
 from jobqd.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, DatabaseUnavailable
 from jobqd.ipc import Sender
 from jobqd.leader import LeaderSession, LeadershipLost, PoolerDetected, ensure_direct
@@ -38,7 +37,6 @@ from jobqd.sql import queries
 log = logging.getLogger("jobqd.maintenance")
 
 STATUS_INTERVAL = 1.0
-STATS_INTERVAL = 5.0
 PRUNE_INTERVAL = 30.0
 PRUNE_BUDGET = 0.5  # seconds of pruning per tick, so cron ticks are never held up for long
 PRUNE_BACKLOG_INTERVAL = 1.0  # a pass that used its whole budget continues this soon
@@ -67,7 +65,6 @@ class Maintenance:
         self.sql = queries(settings.database.schema)
         self.registry = Registry()
         self.metrics = define_jobqd_metrics(self.registry)
-        self.gauges = QueueGauges(self.metrics)
         name = f"{settings.database.application_name} maintenance {socket.gethostname()}"
         self.session = LeaderSession(
             dsn,
@@ -87,7 +84,6 @@ class Maintenance:
         self._next_reap = now
         self._next_prune = now
         self._next_aging = now
-        self._next_stats = now
         self._next_heartbeat = now
         self._next_status = now
         self._aging_interval = aging.interval(settings)
@@ -195,7 +191,7 @@ class Maintenance:
         self.on_title("maintenance leader")
         self.metrics.leader.set(1)
         now = time.monotonic()
-        self._next_tick = self._next_reap = self._next_stats = self._next_aging = now
+        self._next_tick = self._next_reap = self._next_aging = now
         self._next_prune = now + 5.0  # cron and the reaper first
         self._heartbeat()
         if retention.sync_settings(self.session.conn, self.settings):  # type: ignore[arg-type]
@@ -206,7 +202,6 @@ class Maintenance:
         was_leader, self.leader = self.leader, False
         self.session.close()
         self.metrics.leader.set(0)
-        self.gauges.clear()
         if was_leader:
             log.warning("stepped down as leader: %s", reason)
             self.on_title("maintenance standby")
@@ -265,10 +260,6 @@ class Maintenance:
                     "aged %s", ", ".join(f"{n} job(s) of {queue}" for queue, n in moved.items())
                 )
             self._next_aging = now + self._aging_interval
-        if now >= self._next_stats:
-            self._ensure_trusted()
-            self.gauges.update(conn, settings)
-            self._next_stats = now + STATS_INTERVAL
 
     # -- registration, heartbeat, status ----------------------------------------------------
 
@@ -318,7 +309,6 @@ class Maintenance:
         if self.leader:
             log.info("stepping down as leader: shutting down")
         self.leader = False
-        self.gauges.clear()
         if self.process_id is not None and self.session.connected:
             with contextlib.suppress(psycopg.Error):
                 self.session.open().execute(

@@ -17,8 +17,8 @@ ALTER TABLE cron_ticks ADD COLUMN manual boolean NOT NULL DEFAULT false;
 -- The pruner deletes old ticks without scanning the whole table.
 CREATE INDEX cron_ticks_tick ON cron_ticks (tick);
 
--- The leader counts dead jobs per queue every few seconds (the jobqd_queue_jobs gauge). Only
--- rows that end dead get an entry, so the hot path does not pay for it.
+-- /metrics counts dead jobs per queue (the jobqd_queue_jobs gauge) on every scrape. Only rows
+-- that end dead get an entry, so the hot path does not pay for it.
 CREATE INDEX jobs_dead ON jobs (queue) WHERE state = 'dead';
 
 -- The reaper finds processes that stopped heartbeating.

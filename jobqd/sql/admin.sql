@@ -48,16 +48,32 @@ SELECT id, host, pid, role, queue, started_at, heartbeat_at,
   FROM {schema}.processes
  ORDER BY host, role, queue NULLS FIRST, pid
 
--- name: queue_depth
--- Jobs per queue and state, and how long the oldest due job has waited: the /metrics gauges.
-SELECT queue, state, count(*) AS jobs,
-       extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
-                                                        AND run_at <= now()))::float8
-           AS oldest_age
-  FROM {schema}.jobs
- GROUP BY queue, state
-UNION ALL
-SELECT name, NULL, 0, NULL FROM {schema}.queues
+-- name: gauge_queues
+-- Queues for the /metrics gauges: every queue with a row in `queues` (served, paused or set)
+-- and every queue with waiting jobs, found by skipping through jobs_claim one queue at a time
+-- rather than reading all its entries.
+WITH RECURSIVE waiting(queue) AS (
+    (SELECT queue FROM {schema}.jobs WHERE state = 'queued' ORDER BY queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.queue FROM {schema}.jobs j
+             WHERE j.state = 'queued' AND j.queue > w.queue ORDER BY j.queue LIMIT 1)
+      FROM waiting w
+     WHERE w.queue IS NOT NULL
+)
+SELECT queue FROM waiting WHERE queue IS NOT NULL
+UNION
+SELECT name FROM {schema}.queues
+
+-- name: queue_stats
+-- One queue's queued, running and dead jobs, and how long its oldest due job has waited;
+-- each an index range scan. Finished states other than dead are not counted (that would read
+-- most of the table every few seconds).
+SELECT (SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = 'queued'),
+       (SELECT count(*) FROM {schema}.jobs
+         WHERE queue = %(queue)s AND state = 'running' AND lease_expires_at IS NOT NULL),
+       (SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = 'dead'),
+       (SELECT extract(epoch FROM now() - min(run_at)) FROM {schema}.jobs
+         WHERE queue = %(queue)s AND state = 'queued' AND run_at <= now())
 
 -- name: count_in_state
 SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = %(state)s

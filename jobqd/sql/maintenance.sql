@@ -1,5 +1,5 @@
 -- Statements of the maintenance process: leader election and the leader's duties (cron,
--- reaper, pruner, aging, queue gauges). The leader runs every write here on the session that
+-- reaper, pruner, aging). The leader runs every write here on the session that
 -- holds the advisory lock, so a write can only succeed while the lock is held.
 
 -- name: leader_try_lock
@@ -217,17 +217,3 @@ UPDATE {schema}.jobs j
   FROM picked p
  WHERE j.id = p.id AND j.state = 'queued'
 RETURNING j.id
-
--- name: known_queues
-SELECT name FROM {schema}.queues
-
--- name: queue_stats
--- One queue's queued, running and dead jobs, and how long its oldest due job has waited;
--- each an index range scan. Finished states other than dead are not counted (that would read
--- most of the table every few seconds).
-SELECT (SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = 'queued'),
-       (SELECT count(*) FROM {schema}.jobs
-         WHERE queue = %(queue)s AND state = 'running' AND lease_expires_at IS NOT NULL),
-       (SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = 'dead'),
-       (SELECT extract(epoch FROM now() - min(run_at)) FROM {schema}.jobs
-         WHERE queue = %(queue)s AND state = 'queued' AND run_at <= now())
