@@ -385,11 +385,6 @@ class CronSettings:
     misfire_window: float = _key(3600.0, _duration(positive=True))  # how far back "all" goes
 
     @property
-    def has_seconds(self) -> bool:
-        """A 6-field schedule: pass `second_at_beginning=True` to croniter."""
-        return len(self.schedule.split()) == 6
-
-    @property
     def tzinfo(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
@@ -454,12 +449,6 @@ class Settings:
     def default(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """What an empty config file means: one `default` queue, the embedded database."""
         return parse("", "<default>", env)
-
-    def retention_for(self, queue: str) -> tuple[float, float]:
-        """(succeeded, dead) retention in seconds for `queue`, its overrides applied."""
-        own = self.queues[queue].retention if queue in self.queues else QueueRetention()
-        succeeded = self.retention.succeeded if own.succeeded is None else own.succeeded
-        return succeeded, self.retention.dead if own.dead is None else own.dead
 
 
 # Building: walk the document along the dataclass fields, collecting every problem.

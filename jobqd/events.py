@@ -24,7 +24,6 @@ from jobqd.sql import queries
 
 log = logging.getLogger("jobqd.events")
 
-END_STATES = ("succeeded", "dead", "cancelled")
 _RECONNECT_PAUSE = 1.0
 
 

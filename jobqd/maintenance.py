@@ -43,10 +43,6 @@ PRUNE_BACKLOG_INTERVAL = 1.0  # a pass that used its whole budget continues this
 _WAKE_EARLY = 0.005  # aim this far past a cron tick, so the database clock has reached it
 
 
-class _Stop(Exception):
-    """Leave the main loop."""
-
-
 class Maintenance:
     def __init__(
         self,
