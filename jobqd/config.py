@@ -445,6 +445,16 @@ class Settings:
     http: HttpSettings = _section(HttpSettings)
     source: str = field(default="<default>", compare=False)  # the file these came from
 
+    def __post_init__(self) -> None:
+        if self.child_timeout <= self.database.statement_timeout:
+            child = format_duration(self.child_timeout)
+            statement = format_duration(self.database.statement_timeout)
+            raise InvalidSetting(
+                "child_timeout",
+                f"{child} is not longer than database.statement_timeout {statement}: a child "
+                "waiting on a slow statement would be killed as hung; raise child_timeout",
+            )
+
     @classmethod
     def default(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """What an empty config file means: one `default` queue, the embedded database."""

@@ -313,6 +313,15 @@ def test_lease_must_span_three_heartbeats() -> None:
     assert QueueSettings(lease=60.0).heartbeat == 20.0
 
 
+def test_child_timeout_must_outlast_a_statement() -> None:
+    assert errors_of("database: {statement_timeout: 2m}\nchild_timeout: 1m\n") == [
+        "jobqd.yaml:2: child_timeout: 1m is not longer than database.statement_timeout 2m: "
+        "a child waiting on a slow statement would be killed as hung; raise child_timeout"
+    ]
+    (error,) = errors_of("database: {statement_timeout: 3m}\n")
+    assert "child_timeout: 2m is not longer than database.statement_timeout 3m" in error
+
+
 @pytest.mark.parametrize("schedule", ["0 3 * *", "0 25 * * *", "* * * * * * *", "@reboot", "x"])
 def test_bad_cron_expression(schedule: str) -> None:
     (error,) = errors_of(f"cron: {{c: {{schedule: '{schedule}', task: t}}}}")
