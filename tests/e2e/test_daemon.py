@@ -76,6 +76,7 @@ def test_killed_worker_is_restarted_and_its_job_runs_again_at_once(jobqd, ledger
 def test_a_hung_worker_is_killed_after_child_timeout_and_its_job_runs_again(jobqd, ledger):
     config = base_config(ledger)
     config["child_timeout"] = "5s"
+    config["database"]["statement_timeout"] = "3s"  # a child_timeout must outlast it
     config["queues"]["default"] = {"processes": 1, "concurrency": 2, "lease": "10m"}
     daemon = jobqd(config)
     worker = daemon.booted("worker default#0")
