@@ -58,6 +58,16 @@ def db(dsn, conn):
 
 
 @pytest.fixture
+def tcp_db(db):
+    """`db`, for tests that put a TCP relay (pgbouncer, a proxy) in front of the server: the
+    embedded server the harness falls back to listens on a unix socket only."""
+    host = conninfo_to_dict(db).get("host") or ""
+    if not host or host.startswith("/"):
+        pytest.skip("needs the test server on TCP; the embedded fallback has a unix socket only")
+    return db
+
+
+@pytest.fixture
 def procs():
     started: list[multiprocessing.Process] = []
     yield started
@@ -265,7 +275,8 @@ class FreezingProxy:
         return make_conninfo(dsn, host="127.0.0.1", port=str(self.port))
 
 
-def test_leader_behind_a_silent_network_path_steps_down_on_its_own(db, procs):
+def test_leader_behind_a_silent_network_path_steps_down_on_its_own(tcp_db, procs):
+    db = tcp_db
     params = conninfo_to_dict(db)
     proxy = FreezingProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432))
     ctx = multiprocessing.get_context("spawn")
@@ -632,7 +643,8 @@ needs_pgbouncer = pytest.mark.skipif(
 
 @needs_pgbouncer
 @pytest.mark.parametrize("ignore_options", [False, True], ids=["options-refused", "dropped"])
-def test_pgbouncer_in_transaction_mode_is_refused(db, caplog, ignore_options):
+def test_pgbouncer_in_transaction_mode_is_refused(tcp_db, caplog, ignore_options):
+    db = tcp_db
     from jobqd.errors import EXIT_CONFIG
     from jobqd.maintenance import Maintenance
 
@@ -646,7 +658,8 @@ def test_pgbouncer_in_transaction_mode_is_refused(db, caplog, ignore_options):
 
 
 @needs_pgbouncer
-def test_pgbouncer_in_session_mode_is_fine(db, procs):
+def test_pgbouncer_in_session_mode_is_fine(tcp_db, procs):
+    db = tcp_db
     with pgbouncer(db, pool_mode="session", ignore_options=True) as through:
         proc = start(procs, through)
         wait_for(lambda: leader_pid(db) == proc.pid, what="leads through a session-mode pool")
