@@ -17,9 +17,9 @@ ALTER TABLE cron_ticks ADD COLUMN manual boolean NOT NULL DEFAULT false;
 -- The pruner deletes old ticks without scanning the whole table.
 CREATE INDEX cron_ticks_tick ON cron_ticks (tick);
 
--- /metrics counts dead jobs per queue (the jobqd_queue_jobs gauge) on every scrape. Only rows
--- that end dead get an entry, so the hot path does not pay for it.
-CREATE INDEX jobs_dead ON jobs (queue) WHERE state = 'dead';
+-- /metrics (every scrape) and jobqctl status count dead and cancelled jobs per queue. Only rows
+-- that end that way get an entry, so the hot path does not pay for it.
+CREATE INDEX jobs_ended_badly ON jobs (queue, state) WHERE state IN ('dead', 'cancelled');
 
 -- The reaper finds processes that stopped heartbeating.
 CREATE INDEX processes_heartbeat ON processes (heartbeat_at);

@@ -1,44 +1,69 @@
 -- Statements of jobqctl and the http child: status, process lists, bulk operations, events.
 
 -- name: queue_status
--- One row per queue that has jobs or a row in queues. The waiting jobs are split without
--- overlap: `queued` can run now, `scheduled` waits for its first run_at, `retrying` waits out a
--- retry backoff. `per_minute` counts jobs that ended succeeded or dead in the last 5 minutes.
-WITH counts AS (
+-- One row per queue that has a row in queues, waiting jobs, dead or cancelled jobs, or jobs
+-- that ended in the last hour. The waiting jobs are split without overlap: `queued` can run
+-- now, `scheduled` waits for its first run_at, `retrying` waits out a retry backoff.
+-- `per_minute` counts jobs that ended succeeded or dead in the last 5 minutes. Every count is
+-- an index range (succeeded jobs only those of the last hour), so the cost follows the work
+-- waiting and the last hour's traffic, not how many finished jobs retention keeps.
+WITH RECURSIVE waiting(queue) AS (
+    (SELECT queue FROM {schema}.jobs WHERE state = 'queued' ORDER BY queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.queue FROM {schema}.jobs j
+             WHERE j.state = 'queued' AND j.queue > w.queue ORDER BY j.queue LIMIT 1)
+      FROM waiting w
+     WHERE w.queue IS NOT NULL
+), ended_badly(queue) AS (
+    (SELECT queue FROM {schema}.jobs WHERE state IN ('dead', 'cancelled') ORDER BY queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.queue FROM {schema}.jobs j
+             WHERE j.state IN ('dead', 'cancelled') AND j.queue > e.queue
+             ORDER BY j.queue LIMIT 1)
+      FROM ended_badly e
+     WHERE e.queue IS NOT NULL
+), recent AS (
     SELECT queue,
-           count(*) FILTER (WHERE state = 'queued' AND run_at <= now()) AS queued,
-           count(*) FILTER (WHERE state = 'queued' AND run_at > now() AND attempt = 0)
-               AS scheduled,
-           count(*) FILTER (WHERE state = 'queued' AND run_at > now() AND attempt > 0)
-               AS retrying,
-           count(*) FILTER (WHERE state = 'running') AS running,
-           count(*) FILTER (WHERE state = 'dead') AS dead,
-           count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
-           count(*) FILTER (WHERE state = 'succeeded'
-                              AND finished_at > now() - interval '1 hour') AS succeeded_1h,
+           count(*) FILTER (WHERE state = 'succeeded') AS succeeded_1h,
            count(*) FILTER (WHERE state IN ('succeeded', 'dead')
                               AND finished_at > now() - interval '5 minutes') / 5.0
-               AS per_minute,
-           extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
-                                                            AND run_at <= now()))::float8
-               AS oldest_age
+               AS per_minute
       FROM {schema}.jobs
+     WHERE state IN ('succeeded', 'dead', 'cancelled') AND finished_at > now() - interval '1 hour'
      GROUP BY queue
+), names AS (
+    SELECT queue FROM waiting WHERE queue IS NOT NULL
+    UNION SELECT queue FROM ended_badly WHERE queue IS NOT NULL
+    UNION SELECT queue FROM recent
+    UNION SELECT name FROM {schema}.queues
 )
-SELECT coalesce(c.queue, q.name) AS queue,
+SELECT n.queue,
        coalesce(q.paused, false) AS paused,
        coalesce(q.events, false) AS events,
-       coalesce(c.queued, 0) AS queued,
-       coalesce(c.scheduled, 0) AS scheduled,
-       coalesce(c.retrying, 0) AS retrying,
-       coalesce(c.running, 0) AS running,
-       coalesce(c.dead, 0) AS dead,
-       coalesce(c.cancelled, 0) AS cancelled,
-       coalesce(c.succeeded_1h, 0) AS succeeded_1h,
-       coalesce(c.per_minute, 0)::float8 AS per_minute,
-       c.oldest_age
-  FROM counts c
-  FULL JOIN {schema}.queues q ON q.name = c.queue
+       w.queued,
+       w.scheduled,
+       w.retrying,
+       (SELECT count(*) FROM {schema}.jobs
+         WHERE queue = n.queue AND state = 'running' AND lease_expires_at IS NOT NULL)
+           AS running,
+       (SELECT count(*) FROM {schema}.jobs WHERE queue = n.queue AND state = 'dead') AS dead,
+       (SELECT count(*) FROM {schema}.jobs WHERE queue = n.queue AND state = 'cancelled')
+           AS cancelled,
+       coalesce(r.succeeded_1h, 0) AS succeeded_1h,
+       coalesce(r.per_minute, 0)::float8 AS per_minute,
+       w.oldest_age
+  FROM names n
+  LEFT JOIN {schema}.queues q ON q.name = n.queue
+  LEFT JOIN recent r ON r.queue = n.queue
+ CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE run_at <= now()) AS queued,
+               count(*) FILTER (WHERE run_at > now() AND attempt = 0) AS scheduled,
+               count(*) FILTER (WHERE run_at > now() AND attempt > 0) AS retrying,
+               extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8
+                   AS oldest_age
+          FROM {schema}.jobs
+         WHERE queue = n.queue AND state = 'queued'
+       ) w
  ORDER BY 1
 
 -- name: processes
