@@ -26,3 +26,19 @@ CREATE INDEX processes_heartbeat ON processes (heartbeat_at);
 
 -- The pruner deletes finished bundles.
 CREATE INDEX bundles_finished ON bundles (finished_at) WHERE finished_at IS NOT NULL;
+
+-- Queues that have waiting jobs, for jobqctl status and the /metrics gauges: a skip scan that
+-- jumps through jobs_claim one queue at a time instead of reading every waiting job's entry.
+CREATE FUNCTION waiting_queues() RETURNS SETOF text
+LANGUAGE sql STABLE SET search_path FROM CURRENT
+AS $$
+    WITH RECURSIVE waiting(queue) AS (
+        (SELECT queue FROM jobs WHERE state = 'queued' ORDER BY queue LIMIT 1)
+        UNION ALL
+        SELECT (SELECT j.queue FROM jobs j
+                 WHERE j.state = 'queued' AND j.queue > w.queue ORDER BY j.queue LIMIT 1)
+          FROM waiting w
+         WHERE w.queue IS NOT NULL
+    )
+    SELECT queue FROM waiting WHERE queue IS NOT NULL
+$$;

@@ -7,14 +7,7 @@
 -- `per_minute` counts jobs that ended succeeded or dead in the last 5 minutes. Every count is
 -- an index range (succeeded jobs only those of the last hour), so the cost follows the work
 -- waiting and the last hour's traffic, not how many finished jobs retention keeps.
-WITH RECURSIVE waiting(queue) AS (
-    (SELECT queue FROM {schema}.jobs WHERE state = 'queued' ORDER BY queue LIMIT 1)
-    UNION ALL
-    SELECT (SELECT j.queue FROM {schema}.jobs j
-             WHERE j.state = 'queued' AND j.queue > w.queue ORDER BY j.queue LIMIT 1)
-      FROM waiting w
-     WHERE w.queue IS NOT NULL
-), ended_badly(queue) AS (
+WITH RECURSIVE ended_badly(queue) AS (
     (SELECT queue FROM {schema}.jobs WHERE state IN ('dead', 'cancelled') ORDER BY queue LIMIT 1)
     UNION ALL
     SELECT (SELECT j.queue FROM {schema}.jobs j
@@ -32,7 +25,7 @@ WITH RECURSIVE waiting(queue) AS (
      WHERE state IN ('succeeded', 'dead', 'cancelled') AND finished_at > now() - interval '1 hour'
      GROUP BY queue
 ), names AS (
-    SELECT queue FROM waiting WHERE queue IS NOT NULL
+    SELECT {schema}.waiting_queues() AS queue
     UNION SELECT queue FROM ended_badly WHERE queue IS NOT NULL
     UNION SELECT queue FROM recent
     UNION SELECT name FROM {schema}.queues
@@ -75,17 +68,8 @@ SELECT id, host, pid, role, queue, started_at, heartbeat_at,
 
 -- name: gauge_queues
 -- Queues for the /metrics gauges: every queue with a row in `queues` (served, paused or set)
--- and every queue with waiting jobs, found by skipping through jobs_claim one queue at a time
--- rather than reading all its entries.
-WITH RECURSIVE waiting(queue) AS (
-    (SELECT queue FROM {schema}.jobs WHERE state = 'queued' ORDER BY queue LIMIT 1)
-    UNION ALL
-    SELECT (SELECT j.queue FROM {schema}.jobs j
-             WHERE j.state = 'queued' AND j.queue > w.queue ORDER BY j.queue LIMIT 1)
-      FROM waiting w
-     WHERE w.queue IS NOT NULL
-)
-SELECT queue FROM waiting WHERE queue IS NOT NULL
+-- and every queue with waiting jobs.
+SELECT {schema}.waiting_queues() AS queue
 UNION
 SELECT name FROM {schema}.queues
 
