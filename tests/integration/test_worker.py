@@ -308,6 +308,29 @@ def test_at_most_once_lease_expiry_is_dead(db, workers):
         assert info.state == "dead" and "lease expired" in info.last_error
 
 
+@pytest.mark.parametrize(
+    ("delivery", "expected"), [("at_least_once", "queued"), ("at_most_once", "dead")]
+)
+def test_a_replacement_takes_back_a_dead_predecessors_jobs(db, workers, delivery, expected):
+    """What the master does after reaping a worker child: the next worker of the queue gets
+    the dead one's process id and gives its jobs back at once, by the reaper's rules."""
+    with Client(db) as client:
+        job = client.enqueue("test.sleep", {"seconds": 30})
+        victim = start(workers, db, lease=600, delivery=delivery)
+        wait_for(lambda: client.get(job).state == "running", what="running")
+        dead_id = scalar(db, "SELECT id FROM jobqd.processes")
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(5)
+        assert reap(db) == []  # a 10-minute lease: the reaper alone would wait
+
+        # Its first retry is due in 1 s; a long poll keeps the replacement from rerunning it.
+        start(workers, db, delivery=delivery, orphans=(dead_id,), poll_interval=30)
+        wait_for(lambda: client.get(job).state == expected, timeout=10, what=expected)
+        info = client.get(job)
+        assert "lease expired" in info.last_error and f"process {dead_id}" in info.last_error
+        assert scalar(db, "SELECT count(*) FROM jobqd.processes WHERE id = %s", (dead_id,)) == 0
+
+
 def test_listen_notify_wakes_an_idle_worker_quickly(db, workers):
     with Client(db) as client:
         start(workers, db, poll_interval=30)
