@@ -72,6 +72,17 @@ def sleep_task(job: Job) -> None:
     )
 
 
+_HELD: list[bytes] = []
+
+
+@task("test.grow")
+def grow(job: Job) -> None:
+    """Keeps args.mib MiB, written so the pages count in RSS, for the rest of the process's
+    life: a leaky task."""
+    record(job)
+    _HELD.append(b"\x01" * (job.args["mib"] << 20))
+
+
 @task("test.snooze_once")
 def snooze_once(job: Job) -> str:
     record(job)

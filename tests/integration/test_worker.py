@@ -247,6 +247,19 @@ def test_max_jobs_per_process_recycles_after_running_jobs(db, workers):
         assert states(db) == {"succeeded": 4, "queued": 6}
 
 
+def test_max_memory_recycles_after_running_jobs_finish(db, workers):
+    with Client(db) as client:
+        sleeper = client.enqueue("test.sleep", {"seconds": 1})
+        proc = start(workers, db, max_memory=200 << 20, concurrency=2)
+        wait_for(lambda: client.get(sleeper).state == "running", what="the sleeper running")
+        leak = client.enqueue("test.grow", {"mib": 300})
+        proc.join(20)
+        assert proc.exitcode == EXIT_RECYCLE
+        # The sleeper was running when RSS went over: it finished rather than being released.
+        assert (client.get(leak).state, client.get(sleeper).state) == ("succeeded", "succeeded")
+        assert client.get(sleeper).attempt == 1
+
+
 def test_sigterm_drains_running_jobs_and_deregisters(db, workers):
     with Client(db) as client:
         ids = client.enqueue_many([("test.sleep", {"seconds": 1})] * 4)
