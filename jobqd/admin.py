@@ -74,27 +74,24 @@ def queue_depth(
     Each count is an index range scan. Succeeded and cancelled jobs are not counted: they stay
     only until pruned, counting them would read most of the table on every scrape, and the
     jobqd_jobs_*_total counters show that traffic."""
-    sql = queries(schema)
     depth: dict[tuple[str, str], int] = {}
     oldest: dict[str, float] = {}
-    for (queue,) in conn.execute(sql.gauge_queues).fetchall():
-        row = conn.execute(sql.queue_stats, {"queue": queue}).fetchone()
-        assert row is not None
-        queued, running, dead, age = row
+    for queue, queued, running, dead, age in conn.execute(queries(schema).queue_gauges):
         depth.update({(queue, "queued"): queued, (queue, "running"): running})
         depth[(queue, "dead")] = dead
         oldest[queue] = max(0.0, float(age or 0))
     return depth, oldest
 
 
-def _client(schema: str) -> Client:
-    """A client used only with explicit connections: it never opens a pool of its own."""
+def statement_client(schema: str) -> Client:
+    """A client used only with explicit connections (`conn=`): it never opens a pool of its
+    own. jobqctl and the http child run the client's statements on their own sessions."""
     return Client("unused", schema=schema)
 
 
 def job(conn: psycopg.Connection, schema: str, job_id: int) -> dict[str, Any] | None:
     """One job with every column, plus the process holding its lease, if any."""
-    info = _client(schema).get(job_id, conn=conn)
+    info = statement_client(schema).get(job_id, conn=conn)
     if info is None:
         return None
     detail = dataclasses.asdict(info)
@@ -115,7 +112,7 @@ def jobs(
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     """Newest first."""
-    found = _client(schema).list(queue, state, limit, conn=conn)
+    found = statement_client(schema).list(queue, state, limit, conn=conn)
     return [dataclasses.asdict(info) for info in found]
 
 
@@ -127,13 +124,13 @@ def states(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> dict[in
 
 def retry(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[int]:
     """Put dead, cancelled or waiting jobs back in line now; returns the ids that were."""
-    client = _client(schema)
+    client = statement_client(schema)
     return [job_id for job_id in ids if client.retry(job_id, conn=conn)]
 
 
 def cancel(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[int]:
     """Cancel queued or running jobs; returns the ids that were."""
-    client = _client(schema)
+    client = statement_client(schema)
     return [job_id for job_id in ids if client.cancel(job_id, conn=conn)]
 
 
@@ -146,7 +143,7 @@ def retry_queue(conn: psycopg.Connection, schema: str, queue: str, state: str) -
     """Retry every job of `queue` in `state` (dead or cancelled); returns how many."""
     if state not in RETRYABLE_STATES:
         raise ValueError(f"can only retry dead or cancelled jobs in bulk, not {state}")
-    return _client(schema).retry_queue(queue, state, conn=conn)
+    return statement_client(schema).retry_queue(queue, state, conn=conn)
 
 
 def cancel_queue(conn: psycopg.Connection, schema: str, queue: str, state: str) -> int:

@@ -368,8 +368,9 @@ class Worker:
                 next_listen_retry = now + _RECONNECT_PAUSE * 5
             if now >= next_status:
                 self._report_status()
+                self._check_memory()
                 next_status = now + _STATUS_INTERVAL
-            self._maybe_recycle()
+            self._check_jobs_run()
             timeout = self._next_wait(now, next_heartbeat, self._next_poll, next_status)
             for key, _ in selector.select(timeout):
                 if key.data == "wake":
@@ -615,12 +616,14 @@ class Worker:
         )
         self._recycle("hard timeout")
 
-    def _maybe_recycle(self) -> None:
-        if self._stopping:
-            return
+    def _check_jobs_run(self) -> None:
         cap = self.config.max_jobs_per_process
         if cap is not None and self._jobs_run >= cap:
             self._recycle(f"ran {self._jobs_run} jobs (max_jobs_per_process)")
+
+    def _check_memory(self) -> None:
+        """Once a second with the status report, not on every wake-up: reading RSS is a
+        file read, and the control thread wakes for every finished batch."""
         limit = self.config.max_memory
         if limit is not None:
             rss = _rss_bytes()

@@ -139,6 +139,17 @@ def spawn_worker(config: Any, dsn: str) -> multiprocessing.Process:
     return proc
 
 
+def start_worker(procs: list[Any], dsn: str, **settings: Any) -> multiprocessing.Process:
+    """Spawn a worker (queue `default` unless `settings` say otherwise) and add it to `procs`,
+    which the calling test's fixture tears down."""
+    from jobqd.worker import WorkerConfig
+
+    config = WorkerConfig(dsn=dsn, schema="jobqd", **{"queue": "default", **settings})
+    proc = spawn_worker(config, dsn)
+    procs.append(proc)
+    return proc
+
+
 def wait_for(
     condition: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.05, what: str = ""
 ) -> Any:

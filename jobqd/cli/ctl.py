@@ -452,9 +452,8 @@ def cmd_delete(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_pause(ctx: Context, args: argparse.Namespace) -> int:
-    from jobqd.client import Client
 
-    Client("unused", schema=ctx.schema).pause(args.queue, conn=ctx.conn)
+    admin.statement_client(ctx.schema).pause(args.queue, conn=ctx.conn)
     ctx.emit(
         {"queue": args.queue, "paused": True},
         lambda: (
@@ -467,9 +466,8 @@ def cmd_pause(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_resume(ctx: Context, args: argparse.Namespace) -> int:
-    from jobqd.client import Client
 
-    Client("unused", schema=ctx.schema).resume(args.queue, conn=ctx.conn)
+    admin.statement_client(ctx.schema).resume(args.queue, conn=ctx.conn)
     ctx.emit(
         {"queue": args.queue, "paused": False},
         lambda: f"queue {args.queue!r} resumed: workers claim from it again",
@@ -478,10 +476,9 @@ def cmd_resume(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
-    from jobqd.client import Client
 
     try:
-        job_id = Client("unused", schema=ctx.schema).enqueue(
+        job_id = admin.statement_client(ctx.schema).enqueue(
             args.task,
             args.args,
             queue=args.queue,

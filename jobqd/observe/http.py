@@ -43,7 +43,6 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from jobqd import admin, migrate
-from jobqd.client import Client
 from jobqd.db import connect
 from jobqd.durations import parse_duration
 from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError
@@ -183,7 +182,7 @@ class App:
         self.feed = feed
         self.token = token
         self.sessions = Sessions(dsn)
-        self.client = Client("unused", schema=self.schema)
+        self.client = admin.statement_client(self.schema)
         self._gauges = _Cached(GAUGE_TTL, self._count)
         self._database = _Cached(READY_TTL, self._check_database)
 

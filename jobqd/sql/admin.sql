@@ -66,23 +66,21 @@ SELECT id, host, pid, role, queue, started_at, heartbeat_at,
   FROM {schema}.processes
  ORDER BY host, role, queue NULLS FIRST, pid
 
--- name: gauge_queues
--- Queues for the /metrics gauges: every queue with a row in `queues` (served, paused or set)
--- and every queue with waiting jobs.
-SELECT {schema}.waiting_queues() AS queue
-UNION
-SELECT name FROM {schema}.queues
-
--- name: queue_stats
--- One queue's queued, running and dead jobs, and how long its oldest due job has waited;
--- each an index range scan. Finished states other than dead are not counted (that would read
--- most of the table every few seconds).
-SELECT (SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = 'queued'),
+-- name: queue_gauges
+-- The /metrics gauges in one statement: for every queue with a row in `queues` (served,
+-- paused or set) or with waiting jobs, its queued, running and dead jobs and how long its
+-- oldest due job has waited; each an index range scan. Finished states other than dead are
+-- not counted (that would read most of the table on every scrape).
+SELECT n.queue,
+       (SELECT count(*) FROM {schema}.jobs WHERE queue = n.queue AND state = 'queued'),
        (SELECT count(*) FROM {schema}.jobs
-         WHERE queue = %(queue)s AND state = 'running' AND lease_expires_at IS NOT NULL),
-       (SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = 'dead'),
+         WHERE queue = n.queue AND state = 'running' AND lease_expires_at IS NOT NULL),
+       (SELECT count(*) FROM {schema}.jobs WHERE queue = n.queue AND state = 'dead'),
        (SELECT extract(epoch FROM now() - min(run_at)) FROM {schema}.jobs
-         WHERE queue = %(queue)s AND state = 'queued' AND run_at <= now())
+         WHERE queue = n.queue AND state = 'queued' AND run_at <= now())
+  FROM (SELECT {schema}.waiting_queues() AS queue
+        UNION
+        SELECT name FROM {schema}.queues) n
 
 -- name: count_in_state
 SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = %(state)s

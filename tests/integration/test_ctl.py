@@ -11,10 +11,9 @@ import sys
 
 import psycopg
 import pytest
-from helpers import LEDGER_TABLE, scalar, spawn_worker, wait_for
+from helpers import LEDGER_TABLE, scalar, start_worker, wait_for
 
 from jobqd import Client
-from jobqd.worker import WorkerConfig
 
 
 def jobqctl(*args: str, dsn: str | None = None, stdin: str | None = None):
@@ -45,12 +44,6 @@ def workers():
         proc.join(10)
         if proc.is_alive():
             proc.kill()
-
-
-def start_worker(workers, dsn: str, queue: str = "default"):
-    proc = spawn_worker(WorkerConfig(dsn=dsn, schema="jobqd", queue=queue), dsn)
-    workers.append(proc)
-    return proc
 
 
 def set_states(conn: psycopg.Connection, ids: list[int], sql: str) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import LEDGER_DSN_ENV, LEDGER_TABLE, scalar, spawn_worker, wait_for
+from helpers import LEDGER_DSN_ENV, LEDGER_TABLE, scalar, start_worker, wait_for
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd import Client
@@ -30,7 +30,6 @@ from jobqd.config import parse
 from jobqd.cron import tick_text
 from jobqd.ipc import Receiver
 from jobqd.leader import current_leader
-from jobqd.worker import WorkerConfig
 
 FAST = """
 maintenance: {interval: 200ms, standby_retry: 500ms}
@@ -82,13 +81,6 @@ def start(procs, dsn, yaml_text=FAST, writer=None):
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(target=run_maintenance, args=(yaml_text, dsn, writer), daemon=True)
     proc.start()
-    procs.append(proc)
-    return proc
-
-
-def start_worker(procs, dsn, **settings):
-    config = WorkerConfig(dsn=dsn, schema="jobqd", **{"queue": "default", **settings})
-    proc = spawn_worker(config, dsn)
     procs.append(proc)
     return proc
 

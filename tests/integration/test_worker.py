@@ -13,11 +13,11 @@ import time
 
 import psycopg
 import pytest
-from helpers import LEDGER_TABLE, scalar, spawn_worker, wait_for
+from helpers import LEDGER_TABLE, scalar, start_worker, wait_for
 
 from jobqd import Client
 from jobqd.sql import queries
-from jobqd.worker import EXIT_RECYCLE, WorkerConfig
+from jobqd.worker import EXIT_RECYCLE
 
 
 @pytest.fixture
@@ -37,13 +37,6 @@ def workers():
         proc.join(5)
 
 
-def start(workers, dsn, **settings):
-    config = WorkerConfig(dsn=dsn, schema="jobqd", **{"queue": "default", **settings})
-    proc = spawn_worker(config, dsn)
-    workers.append(proc)
-    return proc
-
-
 def states(dsn):
     with psycopg.connect(dsn) as c:
         return dict(c.execute("SELECT state, count(*) FROM jobqd.jobs GROUP BY state").fetchall())
@@ -58,7 +51,7 @@ def test_workers_drain_ten_thousand_jobs_exactly_once(db, workers):
     with Client(db) as client:
         client.enqueue_many(("test.record", {"i": i}) for i in range(10_000))
     for _ in range(3):
-        start(workers, db, concurrency=8, lease=10)
+        start_worker(workers, db, concurrency=8, lease=10)
     wait_for(lambda: states(db) == {"succeeded": 10_000}, timeout=90, what="all 10,000 succeeded")
     with psycopg.connect(db) as c:
         total, distinct, pids, attempts = c.execute(
@@ -72,7 +65,7 @@ def test_workers_drain_ten_thousand_jobs_exactly_once(db, workers):
 def test_failing_job_retries_with_backoff_then_dies_with_its_errors(db, workers):
     with Client(db) as client:
         job = client.enqueue("test.fail")
-        start(workers, db)
+        start_worker(workers, db)
         wait_for(lambda: client.get(job).state == "dead", what="job dead")
         info = client.get(job)
     assert info.attempt == 3
@@ -91,7 +84,7 @@ def test_error_history_is_capped(db, conn, workers):
     conn.execute("UPDATE jobqd.settings SET error_history = 2")
     with Client(db) as client:
         job = client.enqueue("test.fail", max_attempts=4)
-        start(workers, db)
+        start_worker(workers, db)
         wait_for(lambda: client.get(job).state == "dead", what="job dead")
         assert [e["attempt"] for e in client.get(job).errors] == [3, 4]
 
@@ -104,7 +97,7 @@ def test_outcome_kinds(db, workers):
         retried = client.enqueue("test.retry_after")
         unknown = client.enqueue("no.such.task", max_attempts=2)
         coroutine = client.enqueue("test.async", {"n": 5})
-        start(workers, db)
+        start_worker(workers, db)
         ended = ("succeeded", "dead")
         ids = (ok, snoozed, discarded, retried, unknown, coroutine)
         wait_for(lambda: all(client.get(j).state in ended for j in ids), what="all jobs ended")
@@ -130,7 +123,7 @@ def test_paused_queue_is_not_claimed_until_resumed(db, workers):
     with Client(db) as client:
         client.pause("default")
         job = client.enqueue("test.record")
-        start(workers, db, poll_interval=0.2)
+        start_worker(workers, db, poll_interval=0.2)
         wait_for(lambda: scalar(db, "SELECT count(*) FROM jobqd.processes") == 1, what="registered")
         time.sleep(0.6)
         assert client.get(job).state == "queued"
@@ -142,7 +135,7 @@ def test_priority_then_run_at_order(db, workers):
     with Client(db) as client:
         low = client.enqueue_many([("test.record", {})] * 3, priority=5)
         high = client.enqueue_many([("test.record", {})] * 3, priority=-5)
-        start(workers, db, concurrency=1)
+        start_worker(workers, db, concurrency=1)
         wait_for(lambda: states(db) == {"succeeded": 6}, what="all ran")
     with psycopg.connect(db) as c:
         order = [r[0] for r in c.execute("SELECT job_id FROM public.ledger ORDER BY at")]
@@ -152,7 +145,7 @@ def test_priority_then_run_at_order(db, workers):
 def test_sigkilled_worker_jobs_run_again_after_lease_expiry(db, workers):
     with Client(db) as client:
         ids = client.enqueue_many([("test.sleep", {"seconds": 30})] * 3)
-        victim = start(workers, db, concurrency=3, lease=2)
+        victim = start_worker(workers, db, concurrency=3, lease=2)
         wait_for(lambda: states(db) == {"running": 3}, what="claimed")
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(5)
@@ -163,7 +156,7 @@ def test_sigkilled_worker_jobs_run_again_after_lease_expiry(db, workers):
         assert "lease expired" in info.last_error and info.attempt == 1
         with psycopg.connect(db, autocommit=True) as c:
             c.execute("UPDATE jobqd.jobs SET run_at = now(), args = '{\"seconds\": 0.1}'")
-        start(workers, db, concurrency=3, lease=2)
+        start_worker(workers, db, concurrency=3, lease=2)
         wait_for(lambda: states(db) == {"succeeded": 3}, what="rerun")
         assert {client.get(j).attempt for j in ids} == {2}
 
@@ -173,14 +166,14 @@ def test_frozen_worker_cannot_write_a_stale_outcome(db, workers):
     finishes first, and must not be able to write its outcome over the new attempt."""
     with Client(db) as client:
         job = client.enqueue("test.sleep", {"seconds": 2.5})
-        frozen = start(workers, db, lease=1.5, heartbeat=0.5)
+        frozen = start_worker(workers, db, lease=1.5, heartbeat=0.5)
         wait_for(lambda: client.get(job).state == "running", what="claimed by first worker")
         time.sleep(0.5)
         os.kill(frozen.pid, signal.SIGSTOP)
         wait_for(lambda: reap(db), timeout=5, what="lease expired and reaped")
         with psycopg.connect(db, autocommit=True) as c:
             c.execute("UPDATE jobqd.jobs SET run_at = now()")
-        second = start(workers, db, lease=10)
+        second = start_worker(workers, db, lease=10)
         wait_for(lambda: client.get(job).attempt == 2, what="second attempt claimed")
         os.kill(frozen.pid, signal.SIGCONT)
         wait_for(
@@ -205,7 +198,7 @@ def test_frozen_worker_cannot_write_a_stale_outcome(db, workers):
 def test_cancelled_running_job_is_flagged_and_not_overwritten(db, workers):
     with Client(db) as client:
         job = client.enqueue("test.sleep", {"seconds": 20, "cooperative": True})
-        start(workers, db, lease=1.5, heartbeat=0.3)
+        start_worker(workers, db, lease=1.5, heartbeat=0.3)
         wait_for(lambda: client.get(job).state == "running", what="claimed")
         assert client.cancel(job)
         wait_for(
@@ -221,7 +214,7 @@ def test_hard_timeout_fails_the_job_and_recycles_the_process(db, workers):
     with Client(db) as client:
         job = client.enqueue("test.sleep", {"seconds": 30}, max_attempts=1)
         other = client.enqueue("test.record")
-        proc = start(workers, db, timeout=0.5, grace=0.5, concurrency=2)
+        proc = start_worker(workers, db, timeout=0.5, grace=0.5, concurrency=2)
         wait_for(lambda: client.get(job).state == "dead", what="timed out")
         proc.join(10)
         assert proc.exitcode == EXIT_RECYCLE
@@ -233,7 +226,7 @@ def test_hard_timeout_fails_the_job_and_recycles_the_process(db, workers):
 def test_soft_timeout_sets_the_cancelled_flag(db, workers):
     with Client(db) as client:
         job = client.enqueue("test.sleep", {"seconds": 30, "cooperative": True}, max_attempts=1)
-        start(workers, db, timeout=0.3, grace=20)
+        start_worker(workers, db, timeout=0.3, grace=20)
         wait_for(lambda: client.get(job).state == "dead", what="stopped cooperatively")
         assert "soft timeout" in client.get(job).last_error
 
@@ -241,7 +234,7 @@ def test_soft_timeout_sets_the_cancelled_flag(db, workers):
 def test_max_jobs_per_process_recycles_after_running_jobs(db, workers):
     with Client(db) as client:
         client.enqueue_many([("test.record", {})] * 10)
-        proc = start(workers, db, max_jobs_per_process=4, concurrency=2)
+        proc = start_worker(workers, db, max_jobs_per_process=4, concurrency=2)
         proc.join(20)
         assert proc.exitcode == EXIT_RECYCLE
         assert states(db) == {"succeeded": 4, "queued": 6}
@@ -250,7 +243,7 @@ def test_max_jobs_per_process_recycles_after_running_jobs(db, workers):
 def test_max_memory_recycles_after_running_jobs_finish(db, workers):
     with Client(db) as client:
         sleeper = client.enqueue("test.sleep", {"seconds": 1})
-        proc = start(workers, db, max_memory=200 << 20, concurrency=2)
+        proc = start_worker(workers, db, max_memory=200 << 20, concurrency=2)
         wait_for(lambda: client.get(sleeper).state == "running", what="the sleeper running")
         leak = client.enqueue("test.grow", {"mib": 300})
         proc.join(20)
@@ -263,7 +256,7 @@ def test_max_memory_recycles_after_running_jobs_finish(db, workers):
 def test_sigterm_drains_running_jobs_and_deregisters(db, workers):
     with Client(db) as client:
         ids = client.enqueue_many([("test.sleep", {"seconds": 1})] * 4)
-        proc = start(workers, db, concurrency=4)
+        proc = start_worker(workers, db, concurrency=4)
         wait_for(lambda: states(db) == {"running": 4}, what="running")
         assert scalar(db, "SELECT count(*) FROM jobqd.processes") == 1
         os.kill(proc.pid, signal.SIGTERM)
@@ -278,7 +271,7 @@ def test_sigterm_drains_running_jobs_and_deregisters(db, workers):
 def test_sigquit_releases_running_jobs_at_once(db, workers):
     with Client(db) as client:
         ids = client.enqueue_many([("test.sleep", {"seconds": 30})] * 2)
-        proc = start(workers, db, concurrency=2)
+        proc = start_worker(workers, db, concurrency=2)
         wait_for(lambda: states(db) == {"running": 2}, what="running")
         os.kill(proc.pid, signal.SIGQUIT)
         proc.join(5)
@@ -290,7 +283,7 @@ def test_sigquit_releases_running_jobs_at_once(db, workers):
 def test_drain_deadline_releases_what_is_still_running(db, workers):
     with Client(db) as client:
         job = client.enqueue("test.sleep", {"seconds": 30})
-        proc = start(workers, db, shutdown_timeout=0.5)
+        proc = start_worker(workers, db, shutdown_timeout=0.5)
         wait_for(lambda: client.get(job).state == "running", what="running")
         began = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)
@@ -302,7 +295,7 @@ def test_drain_deadline_releases_what_is_still_running(db, workers):
 def test_at_most_once_job_interrupted_is_dead_not_rerun(db, workers):
     with Client(db) as client:
         job = client.enqueue("test.sleep", {"seconds": 30})
-        proc = start(workers, db, delivery="at_most_once")
+        proc = start_worker(workers, db, delivery="at_most_once")
         wait_for(lambda: client.get(job).state == "running", what="running")
         os.kill(proc.pid, signal.SIGQUIT)
         proc.join(5)
@@ -313,7 +306,7 @@ def test_at_most_once_job_interrupted_is_dead_not_rerun(db, workers):
 def test_at_most_once_lease_expiry_is_dead(db, workers):
     with Client(db) as client:
         job = client.enqueue("test.sleep", {"seconds": 30})
-        victim = start(workers, db, lease=1, delivery="at_most_once")
+        victim = start_worker(workers, db, lease=1, delivery="at_most_once")
         wait_for(lambda: client.get(job).state == "running", what="running")
         os.kill(victim.pid, signal.SIGKILL)
         wait_for(lambda: reap(db), timeout=5, what="reaped")
@@ -329,7 +322,7 @@ def test_a_replacement_takes_back_a_dead_predecessors_jobs(db, workers, delivery
     the dead one's process id and gives its jobs back at once, by the reaper's rules."""
     with Client(db) as client:
         job = client.enqueue("test.sleep", {"seconds": 30})
-        victim = start(workers, db, lease=600, delivery=delivery)
+        victim = start_worker(workers, db, lease=600, delivery=delivery)
         wait_for(lambda: client.get(job).state == "running", what="running")
         dead_id = scalar(db, "SELECT id FROM jobqd.processes")
         os.kill(victim.pid, signal.SIGKILL)
@@ -337,7 +330,7 @@ def test_a_replacement_takes_back_a_dead_predecessors_jobs(db, workers, delivery
         assert reap(db) == []  # a 10-minute lease: the reaper alone would wait
 
         # Its first retry is due in 1 s; a long poll keeps the replacement from rerunning it.
-        start(workers, db, delivery=delivery, orphans=(dead_id,), poll_interval=30)
+        start_worker(workers, db, delivery=delivery, orphans=(dead_id,), poll_interval=30)
         wait_for(lambda: client.get(job).state == expected, timeout=10, what=expected)
         info = client.get(job)
         assert "lease expired" in info.last_error and f"process {dead_id}" in info.last_error
@@ -346,7 +339,7 @@ def test_a_replacement_takes_back_a_dead_predecessors_jobs(db, workers, delivery
 
 def test_listen_notify_wakes_an_idle_worker_quickly(db, workers):
     with Client(db) as client:
-        start(workers, db, poll_interval=30)
+        start_worker(workers, db, poll_interval=30)
         wait_for(lambda: scalar(db, "SELECT count(*) FROM jobqd.processes") == 1, what="registered")
         time.sleep(0.3)
         job = client.enqueue("test.record")
@@ -355,7 +348,7 @@ def test_listen_notify_wakes_an_idle_worker_quickly(db, workers):
 
 def test_worker_survives_connections_cut_by_the_server(db, workers):
     with Client(db) as client:
-        start(workers, db, poll_interval=0.2)
+        start_worker(workers, db, poll_interval=0.2)
         worker_sessions = (
             "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'jobqd worker%%'"
         )
