@@ -26,7 +26,7 @@ from collections.abc import Callable
 import psycopg
 
 from jobqd import Client
-from jobqd.migrate import migrate
+from jobqd.store.migrate import migrate
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_DB = "jobqd_bench_enqueue"

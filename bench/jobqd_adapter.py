@@ -13,9 +13,9 @@ import time
 import psycopg
 
 from jobqd import Client, task
-from jobqd.migrate import migrate
+from jobqd.store.migrate import migrate
 from jobqd.tasks import registry
-from jobqd.worker import Worker, WorkerConfig
+from jobqd.worker.process import Worker, WorkerConfig
 
 from .base import BaseAdapter
 

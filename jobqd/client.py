@@ -20,9 +20,9 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from jobqd import payload
-from jobqd.db import connect, resolve_url, session_conninfo
 from jobqd.errors import DatabaseUnavailable
-from jobqd.sql import (
+from jobqd.store.connections import connect, resolve_url, session_conninfo
+from jobqd.store.sql import (
     float_array,
     nullable_int_array,
     queries,

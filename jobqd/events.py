@@ -18,9 +18,9 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 
-from jobqd.db import connect
 from jobqd.errors import DatabaseUnavailable
-from jobqd.sql import queries
+from jobqd.store.connections import connect
+from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.events")
 

@@ -24,9 +24,12 @@ from typing import Any
 import psycopg
 
 from jobqd import payload
-from jobqd.acknowledge import acknowledge
-from jobqd.db import session_conninfo
-from jobqd.execute import (
+from jobqd.store.connections import session_conninfo
+from jobqd.store.sql import queries
+from jobqd.tasks import Job, Registry
+from jobqd.tasks import registry as default_registry
+from jobqd.worker.completer import acknowledge
+from jobqd.worker.executor import (
     DEAD,
     QUEUED,
     SUCCEEDED,
@@ -36,9 +39,6 @@ from jobqd.execute import (
     claimed_job,
     effective_max_attempts,
 )
-from jobqd.sql import queries
-from jobqd.tasks import Job, Registry
-from jobqd.tasks import registry as default_registry
 
 DEFAULT_POLICY = Policy()
 

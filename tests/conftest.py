@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from jobqd.migrate import migrate
+from jobqd.store.migrate import migrate
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -126,7 +126,7 @@ def run_worker(config: Any, env: dict[str, str] | None = None) -> None:
     """Target of a spawned worker process: the same serve() the daemon's children run."""
     os.environ.update(env or {})
     from jobqd.observe.logs import setup_logging
-    from jobqd.worker import serve
+    from jobqd.worker.process import serve
 
     setup_logging("json", "info", role="worker")
     raise SystemExit(serve(config, imports=("helpers",)))
@@ -142,7 +142,7 @@ def spawn_worker(config: Any, dsn: str) -> multiprocessing.Process:
 def start_worker(procs: list[Any], dsn: str, **settings: Any) -> multiprocessing.Process:
     """Spawn a worker (queue `default` unless `settings` say otherwise) and add it to `procs`,
     which the calling test's fixture tears down."""
-    from jobqd.worker import WorkerConfig
+    from jobqd.worker.process import WorkerConfig
 
     config = WorkerConfig(dsn=dsn, schema="jobqd", **{"queue": "default", **settings})
     proc = spawn_worker(config, dsn)

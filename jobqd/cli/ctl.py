@@ -1,6 +1,6 @@
 """`jobqctl`: look at the queues and act on them, from any host that reaches the database.
 
-Thin on purpose: parse the command line, call jobqd.admin / jobqd.client over one session,
+Thin on purpose: parse the command line, call jobqd.store.admin / jobqd.client over one session,
 print a table (or `--json`, one document). Exit codes: 0 ok, 1 not found or nothing matched,
 2 usage, 3 database unreachable; each failure prints one line saying what to do next.
 """
@@ -21,10 +21,9 @@ from typing import Any, NoReturn, TextIO
 
 import psycopg
 
-from jobqd import admin, db
 from jobqd import config as config_module
 from jobqd.cli import output
-from jobqd.durations import parse_duration
+from jobqd.config.durations import parse_duration
 from jobqd.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -34,6 +33,8 @@ from jobqd.errors import (
     JobqdError,
     PayloadError,
 )
+from jobqd.store import admin
+from jobqd.store import connections as db
 
 SYSTEM_CONFIG = Path("/etc/jobqd.yaml")
 WATCH_INTERVAL = 2.0
@@ -499,7 +500,7 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
-    from jobqd import migrate as migrations
+    from jobqd.store import migrate as migrations
 
     holder = admin.lock_holder(ctx.conn, ctx.schema, migrations.lock_key(ctx.schema, "migrate"))
     if holder is not None:
@@ -539,7 +540,7 @@ def cmd_events(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_cron(ctx: Context, args: argparse.Namespace) -> int:
-    from jobqd import cron
+    from jobqd.maintenance import cron
 
     settings = ctx.needs_settings(f"cron {args.action}")
     if args.action == "run":
@@ -578,7 +579,7 @@ def cmd_cron(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
-    from jobqd.duties.retention import prune
+    from jobqd.maintenance.pruner import prune
 
     settings = ctx.settings or config_module.Settings.default()
     if ctx.settings is None:

@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from jobqd import __version__, config, tasks, yamlload
+from jobqd import __version__, config, tasks
+from jobqd.config import yamlload
 from jobqd.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -142,7 +143,7 @@ def start(path: str, hint: str = "", *, migrate: bool = True) -> int:
         print(f"jobqd: not starting: configuration file {path} is invalid{hint}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(settings.log.format, settings.log.level, role="master")
-    from jobqd.supervisor import Supervisor
+    from jobqd.daemon.supervisor import Supervisor
 
     supervisor = Supervisor(
         settings, config_path=path, migrate=migrate and settings.database.migrate

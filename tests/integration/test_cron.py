@@ -12,8 +12,8 @@ import psycopg
 import pytest
 from helpers import wait_for
 
-from jobqd.config import parse
-from jobqd.cron import UnknownEntry, cron_status, fire_now, run_once, tick_text
+from jobqd.config.settings import parse
+from jobqd.maintenance.cron import UnknownEntry, cron_status, fire_now, run_once, tick_text
 
 MINUTELY = """
 cron:

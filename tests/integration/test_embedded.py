@@ -17,8 +17,8 @@ pytest.importorskip("pgserver")
 HOLDER = textwrap.dedent(
     """
     import sys, psycopg
-    from jobqd.db import start_embedded
-    from jobqd.migrate import migrate
+    from jobqd.store.connections import start_embedded
+    from jobqd.store.migrate import migrate
     uri = start_embedded(sys.argv[1])
     with psycopg.connect(uri, autocommit=True) as conn:
         migrate(conn, "jobqd")

@@ -11,7 +11,7 @@ from helpers import LEDGER_TABLE, spawn_worker, wait_for
 
 from jobqd import Client, events
 from jobqd.events import BundleEvent, JobEvent
-from jobqd.worker import WorkerConfig
+from jobqd.worker.process import WorkerConfig
 
 
 @pytest.fixture

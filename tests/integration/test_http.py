@@ -22,15 +22,15 @@ from helpers import scalar, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobqd import Client
-from jobqd.migrate import migrate
 from jobqd.observe.metrics import Registry, define_jobqd_metrics
+from jobqd.store.migrate import migrate
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 TOKEN = "s3cret-token"
 CHILD = """
 import os, sys
 from jobqd import config
-from jobqd.observe import http
+from jobqd.http import server as http
 from jobqd.observe.logs import setup_logging
 setup_logging("json", "info", role="http")
 settings = config.load(sys.argv[1])

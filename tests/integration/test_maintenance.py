@@ -26,10 +26,10 @@ from helpers import LEDGER_DSN_ENV, LEDGER_TABLE, scalar, start_worker, wait_for
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd import Client
-from jobqd.config import parse
-from jobqd.cron import tick_text
-from jobqd.ipc import Receiver
-from jobqd.leader import current_leader
+from jobqd.config.settings import parse
+from jobqd.daemon.ipc import Receiver
+from jobqd.maintenance.cron import tick_text
+from jobqd.maintenance.leader import current_leader
 
 FAST = """
 maintenance: {interval: 200ms, standby_retry: 500ms}
@@ -40,8 +40,8 @@ reaper: {interval: 300ms, process_grace: 30s}
 def run_maintenance(yaml_text: str, dsn: str, writer=None) -> None:
     """Target of a spawned maintenance process."""
     os.environ[LEDGER_DSN_ENV] = dsn
-    from jobqd.ipc import Sender
-    from jobqd.maintenance import serve
+    from jobqd.daemon.ipc import Sender
+    from jobqd.maintenance.process import serve
     from jobqd.observe.logs import setup_logging
 
     setup_logging("json", "info", role="maintenance")
@@ -461,7 +461,7 @@ queues:
 
 
 def test_prune_deletes_only_what_retention_says(conn):
-    from jobqd.duties.retention import prune, sync_settings
+    from jobqd.maintenance.pruner import prune, sync_settings
 
     rows = [  # queue, state, finished this long ago, pruned?
         ("default", "succeeded", "2 hours", True),
@@ -527,7 +527,7 @@ def test_prune_deletes_only_what_retention_says(conn):
 
 
 def test_aging_moves_waiting_jobs_forward_step_by_step_down_to_the_floor(conn):
-    from jobqd.duties import aging
+    from jobqd.maintenance import aging
 
     config = parse(
         """
@@ -638,7 +638,7 @@ needs_pgbouncer = pytest.mark.skipif(
 def test_pgbouncer_in_transaction_mode_is_refused(tcp_db, caplog, ignore_options):
     db = tcp_db
     from jobqd.errors import EXIT_CONFIG
-    from jobqd.maintenance import Maintenance
+    from jobqd.maintenance.process import Maintenance
 
     with pgbouncer(db, pool_mode="transaction", ignore_options=ignore_options) as through:
         settings = parse(FAST, "<test>", {"JOBQD_DATABASE_URL": through})

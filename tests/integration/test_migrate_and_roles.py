@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from jobqd import migrate as runner
 from jobqd.errors import MigrationError
+from jobqd.store import migrate as runner
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,7 +104,7 @@ def test_wheel_ships_migrations(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {n.rsplit("/", 1)[-1] for n in names if n.startswith("jobqd/migrations/")}
     assert shipped == {p.name for p in (ROOT / "migrations").glob("*.sql")}
-    assert "jobqd/sql/client.sql" in names
+    assert "jobqd/store/sql/client.sql" in names
 
 
 def _as_role(dsn: str, role: str) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from jobqd.config import (
+from jobqd.config.durations import format_duration, parse_duration, parse_size
+from jobqd.config.settings import (
     ConfigError,
     FrozenDict,
     InvalidSetting,
@@ -19,9 +20,8 @@ from jobqd.config import (
     load,
     parse,
 )
-from jobqd.durations import format_duration, parse_duration, parse_size
-from jobqd.yamlload import LoadError
-from jobqd.yamlload import load as load_yaml
+from jobqd.config.yamlload import LoadError
+from jobqd.config.yamlload import load as load_yaml
 
 REFERENCE = Path(__file__).resolve().parents[2] / "etc" / "jobqd.yaml"
 

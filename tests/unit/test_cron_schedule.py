@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from jobqd.cron import Schedule, due_ticks, tick_text
+from jobqd.maintenance.cron import Schedule, due_ticks, tick_text
 
 
 def utc(*args: int) -> datetime:

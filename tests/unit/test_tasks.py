@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from jobqd.backoff import Backoff
-from jobqd.execute import Executor, Policy
 from jobqd.tasks import Job, JobCancelled, Registry, middleware, task
+from jobqd.worker.executor import Executor, Policy
 
 
 def make_job(task_name: str, attempt: int = 1, max_attempts: int = 5, **kw) -> Job:

@@ -30,10 +30,10 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from jobqd.db import connect
 from jobqd.errors import DatabaseUnavailable, JobqdError
-from jobqd.migrate import lock_key
-from jobqd.sql import queries
+from jobqd.store.connections import connect
+from jobqd.store.migrate import lock_key
+from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.leader")
 

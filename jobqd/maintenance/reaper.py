@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from jobqd.config import Settings
+from jobqd.config.settings import Settings
 from jobqd.observe.metrics import JobqdMetrics
-from jobqd.sql import queries
+from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.reaper")
 

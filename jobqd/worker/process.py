@@ -27,15 +27,15 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 
-from jobqd.acknowledge import send_acknowledge, written
 from jobqd.backoff import Backoff
-from jobqd.db import connect
-from jobqd.execute import QUEUED, SUCCEEDED, Executor, Outcome, Policy, claimed_job
-from jobqd.ipc import Sender
+from jobqd.daemon.ipc import Sender
 from jobqd.observe.metrics import Registry as MetricsRegistry
 from jobqd.observe.metrics import define_jobqd_metrics
-from jobqd.sql import int_array, queries
+from jobqd.store.connections import connect
+from jobqd.store.sql import int_array, queries
 from jobqd.tasks import Job, Registry
+from jobqd.worker.completer import send_acknowledge, written
+from jobqd.worker.executor import QUEUED, SUCCEEDED, Executor, Outcome, Policy, claimed_job
 
 log = logging.getLogger("jobqd.worker")
 

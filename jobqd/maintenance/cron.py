@@ -32,10 +32,10 @@ from zoneinfo import ZoneInfo
 import psycopg
 from croniter import CroniterBadDateError, croniter
 
-from jobqd.config import CronSettings, Settings
+from jobqd.config.settings import CronSettings, Settings
 from jobqd.errors import JobqdError
 from jobqd.observe.metrics import JobqdMetrics
-from jobqd.sql import queries
+from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.cron")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import psycopg
 
-from jobqd.execute import SUCCEEDED, Outcome
-from jobqd.sql import Queries, float_array, int_array, text_array
+from jobqd.store.sql import Queries, float_array, int_array, text_array
+from jobqd.worker.executor import SUCCEEDED, Outcome
 
 
 def _bools(values: list[bool]) -> str:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import psycopg
 
-from jobqd.config import Settings
-from jobqd.sql import queries
+from jobqd.config.settings import Settings
+from jobqd.store.sql import queries
 
 BATCH = 1000  # rows per statement: each is its own short transaction
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import psycopg
 
-from jobqd.config import Settings
-from jobqd.sql import queries
+from jobqd.config.settings import Settings
+from jobqd.store.sql import queries
 
 MAX_BATCHES = 20
 

@@ -38,7 +38,7 @@ def migrations_dir() -> Path:
     packaged = resources.files("jobqd") / "migrations"
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "migrations"
+    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 def available(directory: Path | None = None) -> list[Migration]:

@@ -42,12 +42,12 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from jobqd import admin, migrate
-from jobqd.db import connect
-from jobqd.durations import parse_duration
+from jobqd.config.durations import parse_duration
+from jobqd.daemon.ipc import Sender
 from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError
-from jobqd.ipc import Sender
 from jobqd.observe.metrics import CONTENT_TYPE, Registry, define_jobqd_metrics
+from jobqd.store import admin, migrate
+from jobqd.store.connections import connect
 
 log = logging.getLogger("jobqd.http")
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobqd.backoff import Backoff
-from jobqd.config import FrozenDict, Settings
-from jobqd.ipc import Receiver
+from jobqd.config.settings import FrozenDict, Settings
+from jobqd.daemon.ipc import Receiver
 
 WORKER = "worker"
 MAINTENANCE = "maintenance"

@@ -4,9 +4,10 @@ Every node runs one. A standby tries for the leader lock every `maintenance.stan
 (with jitter). The leader ticks every `maintenance.interval`, or sooner when a cron tick is
 due: it first proves it still holds the lock, then fires due cron ticks and, each on its own
 cadence, runs the reaper, the pruner and priority aging, all on the session
-that holds the lock (jobqd.leader). Any error on that session, or a verification older than
-the trust window, makes it step down at once: it closes the session, which frees the lock,
-and becomes a standby. The loop is one thread sleeping on a wake-up pipe that signals write to.
+that holds the lock (jobqd.maintenance.leader). Any error on that session, or a
+verification older than the trust window, makes it step down at once: it closes the session,
+which frees the lock, and becomes a standby. The loop is one thread sleeping on a wake-up
+pipe that signals write to.
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from typing import Any
 
 import psycopg
 
-from jobqd import cron, reaper
-from jobqd.config import Settings
-from jobqd.duties import aging, retention
+from jobqd.config.settings import Settings
+from jobqd.daemon.ipc import Sender
 from jobqd.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, DatabaseUnavailable
-from jobqd.ipc import Sender
-from jobqd.leader import LeaderSession, LeadershipLost, PoolerDetected, ensure_direct
+from jobqd.maintenance import aging, cron, pruner, reaper
+from jobqd.maintenance.leader import LeaderSession, LeadershipLost, PoolerDetected, ensure_direct
 from jobqd.observe.metrics import Registry, define_jobqd_metrics
-from jobqd.sql import queries
+from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.maintenance")
 
@@ -190,7 +190,7 @@ class Maintenance:
         self._next_tick = self._next_reap = self._next_aging = now
         self._next_prune = now + 5.0  # cron and the reaper first
         self._heartbeat()
-        if retention.sync_settings(self.session.conn, self.settings):  # type: ignore[arg-type]
+        if pruner.sync_settings(self.session.conn, self.settings):  # type: ignore[arg-type]
             log.info("cluster settings updated from this node's config")
         self._report()
 
@@ -243,7 +243,7 @@ class Maintenance:
         if now >= self._next_prune:
             self._ensure_trusted()
             started = time.monotonic()
-            deleted = retention.prune(conn, settings, budget=PRUNE_BUDGET)
+            deleted = pruner.prune(conn, settings, budget=PRUNE_BUDGET)
             if any(deleted.values()):
                 log.info("pruned %s", ", ".join(f"{n} {kind}" for kind, n in deleted.items() if n))
             backlog = time.monotonic() - started >= PRUNE_BUDGET

@@ -13,7 +13,7 @@ Signals: TERM/INT drain (children get TERM, then QUIT after `shutdown_timeout`, 
 `FAST_STOP_GRACE` later); HUP reloads the config file, replacing only the children whose
 settings changed.
 
-Child -> master messages (jobqd.ipc, one JSON object per line):
+Child -> master messages (jobqd.daemon.ipc, one JSON object per line):
   `booted {process_id?, queue?}` once the child is ready for work;
   `status {busy?, concurrency?, leader?, metrics?}` periodically; `metrics` is a
   `Registry.snapshot_delta()` merged into the master's totals, `leader` (maintenance) is a bool.
@@ -41,18 +41,28 @@ import signal
 import time
 from typing import Any
 
-from jobqd import config, db
-from jobqd import migrate as migrations
+from jobqd import config
 from jobqd.backoff import Backoff
-from jobqd.children import HTTP, MAINTENANCE, WORKER, Child, ChildSpec, Feed, Restarts, specs_for
+from jobqd.daemon.children import (
+    HTTP,
+    MAINTENANCE,
+    WORKER,
+    Child,
+    ChildSpec,
+    Feed,
+    Restarts,
+    specs_for,
+)
+from jobqd.daemon.ipc import Sender
+from jobqd.daemon.lifecycle import MASTER_SIGNALS, become_child, run_and_exit
 from jobqd.errors import EXIT_BOOT_FAILED, EXIT_FAILURE, EXIT_OK, DatabaseUnavailable
-from jobqd.ipc import Sender
 from jobqd.observe import sdnotify
 from jobqd.observe.logs import setup_logging
 from jobqd.observe.metrics import Registry, define_jobqd_metrics
 from jobqd.observe.proctitle import set_title
-from jobqd.process import MASTER_SIGNALS, become_child, run_and_exit
-from jobqd.worker import EXIT_RECYCLE
+from jobqd.store import connections as db
+from jobqd.store import migrate as migrations
+from jobqd.worker.process import EXIT_RECYCLE
 
 log = logging.getLogger("jobqd.master")
 
@@ -361,8 +371,8 @@ class Supervisor:
         sender = Sender(write_fd)
         settings = self.settings
         if spec.kind == WORKER:
-            from jobqd.worker import WorkerConfig
-            from jobqd.worker import serve as serve_worker
+            from jobqd.worker.process import WorkerConfig
+            from jobqd.worker.process import serve as serve_worker
 
             assert spec.queue is not None
             worker_config = WorkerConfig.from_settings(
@@ -377,12 +387,12 @@ class Supervisor:
                 on_title=set_title,
             )
         if spec.kind == MAINTENANCE:
-            from jobqd import maintenance
+            from jobqd.maintenance import process as maintenance
 
             return maintenance.serve(
                 settings, self.dsn, sender=sender, parent_pid=self.pid, on_title=set_title
             )
-        from jobqd.observe import http
+        from jobqd.http import server as http
 
         assert feed_fd is not None
         return http.serve(

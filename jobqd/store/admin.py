@@ -15,7 +15,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from jobqd.client import Client
-from jobqd.sql import queries
+from jobqd.store.sql import queries
 
 STATES = ("queued", "running", "succeeded", "dead", "cancelled")
 RETRYABLE_STATES = ("dead", "cancelled")
@@ -47,7 +47,7 @@ def processes(
 
 def leader(conn: psycopg.Connection, schema: str) -> dict[str, Any] | None:
     """The maintenance process holding the leader lock, read from pg_locks."""
-    from jobqd.leader import current_leader
+    from jobqd.maintenance.leader import current_leader
 
     return current_leader(conn, schema)
 

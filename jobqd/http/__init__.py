@@ -1,0 +1,1 @@
+"""The http child: /metrics, /healthz, /readyz and the JSON API, on its own database pool."""
