@@ -191,7 +191,7 @@ class Client:
             "idempotency_key": idempotency_key,
             "bundle_id": _bundle_id,
         }
-        return self._scalar(self._sql.enqueue, params, conn)
+        return self._scalar(self._sql.jobs_enqueue, params, conn)
 
     def enqueue_many(
         self,
@@ -223,7 +223,7 @@ class Client:
             with c.transaction() if conn is None else _nothing(), c.pipeline():
                 for batch in _batches(jobs, defaults, self.max_payload_bytes, _BATCH_ROWS):
                     cursor = c.cursor()
-                    cursor.execute(self._sql.enqueue_many, batch)
+                    cursor.execute(self._sql.jobs_enqueue_many, batch)
                     cursors.append(cursor)
             return [row[0] for cursor in cursors for row in cursor.fetchall()]
 
@@ -242,7 +242,7 @@ class Client:
         `callback_args` plus a `bundle` key holding the counts. Returns (bundle id, job ids)."""
         with self._connection(conn) as c, c.transaction():
             bundle_id = c.execute(
-                self._sql.create_bundle,
+                self._sql.bundles_create,
                 {
                     "total": len(jobs),
                     "name": name,
@@ -261,13 +261,13 @@ class Client:
     def get_bundle(self, bundle_id: int, *, conn: psycopg.Connection | None = None):
         with self._connection(conn) as c:
             cur = c.cursor(row_factory=dict_row)
-            row = cur.execute(self._sql.get_bundle, {"id": bundle_id}).fetchone()
+            row = cur.execute(self._sql.bundles_get, {"id": bundle_id}).fetchone()
         return BundleInfo(**row) if row else None
 
     def get(self, job_id: int, *, conn: psycopg.Connection | None = None) -> JobInfo | None:
         with self._connection(conn) as c:
             cur = c.cursor(row_factory=dict_row)
-            row = cur.execute(self._sql.get_job, {"id": job_id}).fetchone()
+            row = cur.execute(self._sql.jobs_get, {"id": job_id}).fetchone()
         return JobInfo(**row) if row else None
 
     def list(
@@ -282,26 +282,28 @@ class Client:
         with self._connection(conn) as c:
             cur = c.cursor(row_factory=dict_row)
             rows = cur.execute(
-                self._sql.list_jobs, {"queue": queue, "state": state, "limit": limit}
+                self._sql.jobs_list, {"queue": queue, "state": state, "limit": limit}
             ).fetchall()
         return [JobInfo(**row) for row in rows]
 
     def retry(self, job_id: int, *, conn: psycopg.Connection | None = None) -> bool:
-        return bool(self._scalar(self._sql.retry_job, {"id": job_id}, conn))
+        return bool(self._scalar(self._sql.jobs_retry, {"id": job_id}, conn))
 
     def retry_queue(
         self, queue: str, state: str = "dead", *, conn: psycopg.Connection | None = None
     ) -> int:
-        return int(self._scalar(self._sql.retry_queue, {"queue": queue, "state": state}, conn))
+        return int(
+            self._scalar(self._sql.jobs_retry_in_queue, {"queue": queue, "state": state}, conn)
+        )
 
     def cancel(self, job_id: int, *, conn: psycopg.Connection | None = None) -> bool:
-        return bool(self._scalar(self._sql.cancel_job, {"id": job_id}, conn))
+        return bool(self._scalar(self._sql.jobs_cancel, {"id": job_id}, conn))
 
     def pause(self, queue: str, *, conn: psycopg.Connection | None = None) -> None:
-        self._scalar(self._sql.pause_queue, {"queue": queue}, conn)
+        self._scalar(self._sql.queues_pause, {"queue": queue}, conn)
 
     def resume(self, queue: str, *, conn: psycopg.Connection | None = None) -> None:
-        self._scalar(self._sql.resume_queue, {"queue": queue}, conn)
+        self._scalar(self._sql.queues_resume, {"queue": queue}, conn)
 
     def listen(self, callback=None, *, queues=None, timeout=None):
         """Job and bundle end events (jobqd.events): an iterator of events, or, given

@@ -90,11 +90,11 @@ def parse(payload: str) -> Event | None:
 
 def set_events(conn: psycopg.Connection, schema: str, queue: str, enabled: bool) -> None:
     """Turn job end events of `queue` on or off, cluster-wide."""
-    conn.execute(queries(schema).set_events, {"queue": queue, "enabled": enabled})
+    conn.execute(queries(schema).queues_set_events, {"queue": queue, "enabled": enabled})
 
 
 def enabled_queues(conn: psycopg.Connection, schema: str) -> list[str]:
-    return [row[0] for row in conn.execute(queries(schema).events_queues).fetchall()]
+    return [row[0] for row in conn.execute(queries(schema).queues_with_events).fetchall()]
 
 
 class Listener:

@@ -164,7 +164,7 @@ def drain(
     conninfo = session_conninfo(dsn, application_name="jobqd testing drain")
     with psycopg.connect(conninfo, autocommit=True) as conn:
         process_id = conn.execute(
-            sql.register_process,
+            sql.processes_register,
             {
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
@@ -176,7 +176,7 @@ def drain(
         try:
             while True:
                 rows = conn.execute(
-                    sql.claim,
+                    sql.leases_claim,
                     {"queue": queue, "limit": batch, "lease": lease, "process_id": process_id},
                 ).fetchall()
                 if not rows:
@@ -192,7 +192,7 @@ def drain(
                 for o in outcomes:
                     counts[o.state] = counts.get(o.state, 0) + 1
         finally:
-            conn.execute(sql.deregister_process, {"process_id": process_id})
+            conn.execute(sql.processes_deregister, {"process_id": process_id})
 
 
 def _ignored(job: Job) -> str:

@@ -35,7 +35,7 @@ def run_once(conn: psycopg.Connection, settings: Settings, *, batch: int = 1000)
         }
         total = 0
         for _ in range(MAX_BATCHES):
-            count = conn.execute(sql.age_priorities, params).rowcount
+            count = conn.execute(sql.jobs_age_priorities, params).rowcount
             total += count
             if count < batch:
                 break

@@ -123,7 +123,7 @@ def ensure_direct(dsn: str, *, application_name: str) -> None:
 
 
 def _backend_pid(conn: psycopg.Connection) -> int:
-    row = conn.execute(queries().backend_pid).fetchone()
+    row = conn.execute(queries().leader_backend_pid).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -134,7 +134,7 @@ def current_leader(conn: psycopg.Connection, schema: str) -> dict[str, Any] | No
     Read from the lock itself (pg_locks), so a stale `processes` row cannot claim to lead.
     """
     key = lock_key(schema, "leader")
-    cur = conn.execute(queries(schema).current_leader, _key_parts(key))
+    cur = conn.execute(queries(schema).leader_current, _key_parts(key))
     row = cur.fetchone()
     if row is None:
         return None
@@ -237,7 +237,7 @@ class LeaderSession:
             **SERVER_OPTIONS,
         }
         for name, value in settings.items():
-            conn.execute(self.sql.set_session_option, {"name": name, "value": value})
+            conn.execute(self.sql.leader_set_option, {"name": name, "value": value})
 
     def try_acquire(self) -> bool:
         """One non-blocking try for the lock; True when this session now holds it."""

@@ -265,7 +265,7 @@ class Maintenance:
     def _register(self) -> None:
         conn = self.session.open()
         row = conn.execute(
-            self.sql.register_process,
+            self.sql.processes_register,
             {
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
@@ -281,7 +281,8 @@ class Maintenance:
         self._next_heartbeat = time.monotonic() + self._heartbeat_interval
         conn = self.session.open()
         alive = conn.execute(
-            self.sql.heartbeat_idle, {"process_id": self.process_id, "metadata": self._metadata()}
+            self.sql.processes_heartbeat,
+            {"process_id": self.process_id, "metadata": self._metadata()},
         ).fetchone()
         if alive is None:
             log.warning("process row was removed (reaped?); registering again")
@@ -308,7 +309,7 @@ class Maintenance:
         if self.process_id is not None and self.session.connected:
             with contextlib.suppress(psycopg.Error):
                 self.session.open().execute(
-                    self.sql.deregister_process, {"process_id": self.process_id}
+                    self.sql.processes_deregister, {"process_id": self.process_id}
                 )
         self.session.close()
         self._report()

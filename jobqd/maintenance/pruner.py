@@ -69,7 +69,7 @@ def prune(
     counts = {"succeeded": 0, "cancelled": 0, "dead": 0}
 
     def jobs() -> int:
-        states = conn.execute(sql.prune_jobs, params).fetchall()
+        states = conn.execute(sql.retention_prune_jobs, params).fetchall()
         for (state,) in states:
             counts[state] += 1
         return len(states)
@@ -80,11 +80,11 @@ def prune(
         return lambda: conn.execute(statement, {**params, "batch": batch}).rowcount
 
     kept = max(retention.succeeded, retention.dead)
-    counts["idempotency_keys"] = _drain(simple(sql.prune_idempotency_keys), batch, limit)
+    counts["idempotency_keys"] = _drain(simple(sql.retention_prune_idempotency_keys), batch, limit)
     counts["cron_ticks"] = _drain(
-        simple(sql.prune_cron_ticks, age=retention.succeeded), batch, limit
+        simple(sql.retention_prune_cron_ticks, age=retention.succeeded), batch, limit
     )
-    counts["bundles"] = _drain(simple(sql.prune_bundles, age=kept), batch, limit)
+    counts["bundles"] = _drain(simple(sql.retention_prune_bundles, age=kept), batch, limit)
     return counts
 
 
@@ -93,5 +93,5 @@ def sync_settings(conn: psycopg.Connection, settings: Settings) -> bool:
     from `retention.idempotency`); True when something changed. The leader calls it when it
     takes over, so the leader's config is the one in force."""
     sql = queries(settings.database.schema)
-    cur = conn.execute(sql.sync_settings, {"idempotency": settings.retention.idempotency})
+    cur = conn.execute(sql.retention_sync_settings, {"idempotency": settings.retention.idempotency})
     return cur.rowcount > 0

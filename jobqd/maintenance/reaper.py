@@ -44,11 +44,11 @@ def run_once(
     grace, batch = settings.reaper.process_grace, settings.reaper.batch
     result = ReapPass()
     with conn.transaction():
-        silent = conn.execute(sql.silent_processes, {"grace": grace, "batch": batch}).fetchall()
+        silent = conn.execute(sql.processes_silent, {"grace": grace, "batch": batch}).fetchall()
         if silent:
-            conn.execute(sql.revoke_leases, {"process_ids": [row[0] for row in silent]})
+            conn.execute(sql.leases_revoke, {"process_ids": [row[0] for row in silent]})
     for _ in range(MAX_BATCHES):
-        rows = conn.execute(sql.reap_expired, {"batch": batch}).fetchall()
+        rows = conn.execute(sql.leases_reap_expired, {"batch": batch}).fetchall()
         for job_id, queue, task, state, attempt in rows:
             (result.dead if state == "dead" else result.queued).append(job_id)
             if metrics is not None:
@@ -62,7 +62,7 @@ def run_once(
             break
     if silent:
         ids = [row[0] for row in silent]
-        removed = conn.execute(sql.remove_processes, {"process_ids": ids, "grace": grace})
+        removed = conn.execute(sql.processes_remove, {"process_ids": ids, "grace": grace})
         result.processes = [row[0] for row in removed.fetchall()]
         for process_id, host, pid, role, queue, heartbeat_at in silent:
             if process_id in result.processes:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -32,14 +31,14 @@ def _rows(conn: psycopg.Connection, statement: str, params: Any = None) -> list[
 def queue_status(conn: psycopg.Connection, schema: str) -> list[dict[str, Any]]:
     """Per queue: paused, events, queued (due now), scheduled, retrying, running, dead,
     cancelled, succeeded_1h, per_minute (last 5 minutes) and oldest_age (seconds, or None)."""
-    return _rows(conn, queries(schema).queue_status)
+    return _rows(conn, queries(schema).queues_status)
 
 
 def processes(
     conn: psycopg.Connection, schema: str, *, stale_after: float = DEFAULT_STALE_AFTER
 ) -> list[dict[str, Any]]:
     """Registered processes by host, each with `heartbeat_age` and `stale`."""
-    rows = _rows(conn, queries(schema).processes)
+    rows = _rows(conn, queries(schema).processes_list)
     for row in rows:
         row["stale"] = row["heartbeat_age"] > stale_after
     return rows
@@ -76,7 +75,7 @@ def queue_depth(
     jobqd_jobs_*_total counters show that traffic."""
     depth: dict[tuple[str, str], int] = {}
     oldest: dict[str, float] = {}
-    for queue, queued, running, dead, age in conn.execute(queries(schema).queue_gauges):
+    for queue, queued, running, dead, age in conn.execute(queries(schema).queues_gauges):
         depth.update({(queue, "queued"): queued, (queue, "running"): running})
         depth[(queue, "dead")] = dead
         oldest[queue] = max(0.0, float(age or 0))
@@ -118,7 +117,7 @@ def jobs(
 
 def states(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> dict[int, str]:
     """The current state of each id that exists."""
-    rows = conn.execute(queries(schema).job_states, {"ids": list(ids)}).fetchall()
+    rows = conn.execute(queries(schema).jobs_states, {"ids": list(ids)}).fetchall()
     return {row[0]: row[1] for row in rows}
 
 
@@ -135,7 +134,7 @@ def cancel(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[in
 
 
 def count_in_state(conn: psycopg.Connection, schema: str, queue: str, state: str) -> int:
-    row = conn.execute(queries(schema).count_in_state, {"queue": queue, "state": state})
+    row = conn.execute(queries(schema).jobs_count_in_state, {"queue": queue, "state": state})
     return int(row.fetchone()[0])
 
 
@@ -150,22 +149,20 @@ def cancel_queue(conn: psycopg.Connection, schema: str, queue: str, state: str) 
     """Cancel every job of `queue` in `state` (queued or running); returns how many."""
     if state not in CANCELLABLE_STATES:
         raise ValueError(f"can only cancel queued or running jobs, not {state}")
-    return conn.execute(queries(schema).cancel_queue, {"queue": queue, "state": state}).rowcount
+    return conn.execute(
+        queries(schema).jobs_cancel_in_queue, {"queue": queue, "state": state}
+    ).rowcount
 
 
 def delete(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[int]:
     """Delete jobs that are not running; returns the ids deleted."""
-    rows = conn.execute(queries(schema).delete_jobs, {"ids": list(ids)}).fetchall()
+    rows = conn.execute(queries(schema).jobs_delete, {"ids": list(ids)}).fetchall()
     return sorted(row[0] for row in rows)
-
-
-def database_now(conn: psycopg.Connection, schema: str) -> datetime:
-    return conn.execute(queries(schema).database_now).fetchone()[0]
 
 
 def lock_holder(conn: psycopg.Connection, schema: str, key: int) -> int | None:
     """The database backend pid holding advisory lock `key` (session level), or None."""
     unsigned = key & 0xFFFFFFFFFFFFFFFF
     parts = {"classid": unsigned >> 32, "objid": unsigned & 0xFFFFFFFF}
-    row = conn.execute(queries(schema).advisory_lock_holder, parts).fetchone()
+    row = conn.execute(queries(schema).locks_holder, parts).fetchone()
     return None if row is None else int(row[0])

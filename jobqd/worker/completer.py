@@ -30,7 +30,7 @@ def send_acknowledge(
     if plain:
         cursor = conn.cursor()
         cursor.execute(
-            sql.finish_succeeded,
+            sql.leases_finish_succeeded,
             {
                 "ids": int_array([o.job.id for o in plain]),
                 "tokens": int_array([o.job.lease_token for o in plain]),
@@ -40,7 +40,7 @@ def send_acknowledge(
     if other:
         cursor = conn.cursor()
         cursor.execute(
-            sql.finish,
+            sql.leases_finish,
             {
                 "ids": int_array([o.job.id for o in other]),
                 "tokens": int_array([o.job.lease_token for o in other]),

@@ -208,7 +208,7 @@ class Worker:
     def _open_listen(self, selector: selectors.BaseSelector) -> None:
         try:
             conn = connect(self.config.dsn, application_name=self._app_name() + " listen")
-            channel = conn.execute(self.sql.queue_channel, {"queue": self.config.queue}).fetchone()
+            channel = conn.execute(self.sql.queues_channel, {"queue": self.config.queue}).fetchone()
             conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel[0])))
         except Exception as exc:
             log.warning("LISTEN unavailable, polling only: %s", exc, extra=self._fields())
@@ -239,7 +239,7 @@ class Worker:
         row = (
             self._db()
             .execute(
-                self.sql.register_process,
+                self.sql.processes_register,
                 {
                     "host": socket.gethostname(),
                     "pid": os.getpid(),
@@ -259,11 +259,11 @@ class Worker:
         at-most-once delivery are decided exactly as for an expired lease."""
         db = self._db()
         with db.transaction():
-            revoked = db.execute(self.sql.revoke_leases, {"process_ids": list(process_ids)})
+            revoked = db.execute(self.sql.leases_revoke, {"process_ids": list(process_ids)})
             count = revoked.rowcount
-            rows = db.execute(self.sql.reap_expired, {"batch": max(count, 1)}).fetchall()
+            rows = db.execute(self.sql.leases_reap_expired, {"batch": max(count, 1)}).fetchall()
             for process_id in process_ids:
-                db.execute(self.sql.deregister_process, {"process_id": process_id})
+                db.execute(self.sql.processes_deregister, {"process_id": process_id})
         for job_id, queue, task, state, attempt in rows:
             log.warning(
                 "job of a worker process that died taken back: %s",
@@ -277,7 +277,7 @@ class Worker:
         config sets it."""
         db = self._db()
         db.execute(
-            self.sql.sync_queue,
+            self.sql.queues_sync,
             {
                 "queue": self.config.queue,
                 "max_attempts": self.config.max_attempts,
@@ -286,13 +286,13 @@ class Worker:
         )
         if self.config.events is not None:
             db.execute(
-                self.sql.sync_events,
+                self.sql.queues_sync_events,
                 {"queue": self.config.queue, "enabled": self.config.events},
             )
         for spec in self.registry.specs():
             if spec.max_attempts is not None or spec.delivery is not None:
                 db.execute(
-                    self.sql.sync_task,
+                    self.sql.tasks_sync,
                     {
                         "name": spec.name,
                         "max_attempts": spec.max_attempts,
@@ -422,7 +422,7 @@ class Worker:
                 if limit:
                     claimed = db.cursor()
                     claimed.execute(
-                        self.sql.claim,
+                        self.sql.leases_claim,
                         {
                             "queue": self.config.queue,
                             "limit": limit,
@@ -540,11 +540,11 @@ class Worker:
         db = self._db()
         if not held:
             alive = db.execute(
-                self.sql.heartbeat_idle, {"process_id": self.process_id, "metadata": meta}
+                self.sql.processes_heartbeat, {"process_id": self.process_id, "metadata": meta}
             ).fetchone()
         else:
             rows = db.execute(
-                self.sql.heartbeat,
+                self.sql.leases_renew,
                 {
                     "process_id": self.process_id,
                     "metadata": meta,
@@ -674,7 +674,7 @@ class Worker:
             if unfinished:
                 self._release(unfinished)
             if self.process_id is not None:
-                self._db().execute(self.sql.deregister_process, {"process_id": self.process_id})
+                self._db().execute(self.sql.processes_deregister, {"process_id": self.process_id})
         except psycopg.Error as exc:
             log.error(
                 "could not write final state (%s); the reaper will release leftovers",
@@ -694,7 +694,7 @@ class Worker:
         rows = (
             self._db()
             .execute(
-                self.sql.release,
+                self.sql.leases_release,
                 {
                     "ids": int_array([j.id for j in jobs]),
                     "tokens": int_array([j.lease_token for j in jobs]),

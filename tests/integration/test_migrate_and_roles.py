@@ -104,7 +104,9 @@ def test_wheel_ships_migrations(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {n.rsplit("/", 1)[-1] for n in names if n.startswith("jobqd/migrations/")}
     assert shipped == {p.name for p in (ROOT / "migrations").glob("*.sql")}
-    assert "jobqd/store/sql/client.sql" in names
+    assert {f"jobqd/store/sql/{p.name}" for p in (ROOT / "jobqd/store/sql").glob("*.sql")} <= set(
+        names
+    )
 
 
 def _as_role(dsn: str, role: str) -> str:

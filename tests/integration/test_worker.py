@@ -44,7 +44,7 @@ def states(dsn):
 
 def reap(dsn):
     with psycopg.connect(dsn, autocommit=True) as c:
-        return c.execute(queries("jobqd").reap_expired, {"batch": 1000}).fetchall()
+        return c.execute(queries("jobqd").leases_reap_expired, {"batch": 1000}).fetchall()
 
 
 def test_workers_drain_ten_thousand_jobs_exactly_once(db, workers):

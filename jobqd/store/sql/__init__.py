@@ -36,7 +36,7 @@ def _raw() -> dict[str, str]:
 
 
 class Queries:
-    """The statements for one schema, as attributes: `queries("jobqd").claim`."""
+    """The statements for one schema, as attributes: `queries("jobqd").leases_claim`."""
 
     def __init__(self, schema: str) -> None:
         if not _SCHEMA_NAME.match(schema):

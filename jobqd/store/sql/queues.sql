@@ -1,6 +1,36 @@
--- Statements of jobqctl and the http child: status, process lists, bulk operations, events.
+-- Queues and tasks as the cluster knows them: pause, events, the definitions daemons
+-- publish, and the per-queue counts that status and /metrics show.
 
--- name: queue_status
+-- name: queues_pause
+SELECT {schema}.pause(%(queue)s)
+
+-- name: queues_resume
+SELECT {schema}.resume(%(queue)s)
+
+-- name: queues_channel
+SELECT {schema}.queue_channel(%(queue)s)
+
+-- name: queues_sync
+-- A daemon states its queue's cluster-wide defaults, which database-side duties read.
+INSERT INTO {schema}.queues (name, max_attempts, delivery, updated_at)
+VALUES (%(queue)s, %(max_attempts)s, %(delivery)s, now())
+ON CONFLICT (name) DO UPDATE
+   SET max_attempts = excluded.max_attempts, delivery = excluded.delivery, updated_at = now()
+ WHERE (queues.max_attempts, queues.delivery)
+       IS DISTINCT FROM (excluded.max_attempts, excluded.delivery)
+
+-- name: queues_sync_events
+-- Only a change calls set_events, which briefly locks the jobs table to switch its trigger.
+SELECT {schema}.set_events(name, %(enabled)s) FROM {schema}.queues
+ WHERE name = %(queue)s AND events IS DISTINCT FROM %(enabled)s
+
+-- name: queues_set_events
+SELECT {schema}.set_events(%(queue)s, %(enabled)s)
+
+-- name: queues_with_events
+SELECT name FROM {schema}.queues WHERE events ORDER BY name
+
+-- name: queues_status
 -- One row per queue that has a row in queues, waiting jobs, dead or cancelled jobs, or jobs
 -- that ended in the last hour. The waiting jobs are split without overlap: `queued` can run
 -- now, `scheduled` waits for its first run_at, `retrying` waits out a retry backoff.
@@ -59,14 +89,7 @@ SELECT n.queue,
        ) w
  ORDER BY 1
 
--- name: processes
--- The registered processes, with their heartbeat age in database time.
-SELECT id, host, pid, role, queue, started_at, heartbeat_at,
-       extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age, metadata
-  FROM {schema}.processes
- ORDER BY host, role, queue NULLS FIRST, pid
-
--- name: queue_gauges
+-- name: queues_gauges
 -- The /metrics gauges in one statement: for every queue with a row in `queues` (served,
 -- paused or set) or with waiting jobs, its queued, running and dead jobs and how long its
 -- oldest due job has waited; each an index range scan. Finished states other than dead are
@@ -82,36 +105,10 @@ SELECT n.queue,
         UNION
         SELECT name FROM {schema}.queues) n
 
--- name: count_in_state
-SELECT count(*) FROM {schema}.jobs WHERE queue = %(queue)s AND state = %(state)s
-
--- name: cancel_queue
--- Bulk form of cancel(): the same columns, for one queue's queued or running jobs.
-UPDATE {schema}.jobs SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL,
-                         locked_by = NULL
- WHERE queue = %(queue)s AND state = %(state)s AND state IN ('queued', 'running')
-
--- name: delete_jobs
--- Running jobs are left alone: their worker still holds a lease (cancel them first).
-DELETE FROM {schema}.jobs WHERE id = ANY(%(ids)s::bigint[]) AND state <> 'running'
-RETURNING id
-
--- name: job_states
-SELECT id, state FROM {schema}.jobs WHERE id = ANY(%(ids)s::bigint[])
-
--- name: set_events
-SELECT {schema}.set_events(%(queue)s, %(enabled)s)
-
--- name: events_queues
-SELECT name FROM {schema}.queues WHERE events ORDER BY name
-
--- name: database_now
-SELECT now()
-
--- name: advisory_lock_holder
--- The backend holding a session advisory lock on a bigint key (split as Postgres stores it).
-SELECT pid FROM pg_locks
- WHERE locktype = 'advisory' AND granted AND objsubid = 1
-   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-   AND classid::bigint = %(classid)s AND objid::bigint = %(objid)s
- LIMIT 1
+-- name: tasks_sync
+INSERT INTO {schema}.tasks (name, max_attempts, delivery, updated_at)
+VALUES (%(name)s, %(max_attempts)s, %(delivery)s, now())
+ON CONFLICT (name) DO UPDATE
+   SET max_attempts = excluded.max_attempts, delivery = excluded.delivery, updated_at = now()
+ WHERE (tasks.max_attempts, tasks.delivery)
+       IS DISTINCT FROM (excluded.max_attempts, excluded.delivery)

@@ -1,8 +1,9 @@
--- Statements of the worker process: the hot path (claim, heartbeat, finish) and its
--- registration. Every write about a job is fenced on (id, lease_token, state = 'running'):
--- a worker that lost its lease can never overwrite the next attempt.
+-- Leases: the hot path. Claim, renew, finish and release are fenced on
+-- (id, lease_token, state = 'running'): a worker that lost its lease can never overwrite
+-- the next attempt. Revoke and reap are the leader's (and a replacement worker's) way of
+-- taking back jobs whose worker is gone.
 
--- name: claim
+-- name: leases_claim
 -- Take up to `limit` due jobs of one queue, in claim order, unless the queue is paused.
 WITH picked AS (
     SELECT id FROM {schema}.jobs
@@ -21,7 +22,7 @@ UPDATE {schema}.jobs j
 RETURNING j.id, j.task, j.args::text, j.attempt, j.max_attempts, j.lease_token,
           extract(epoch FROM j.created_at)::float8, extract(epoch FROM j.started_at)::float8
 
--- name: heartbeat
+-- name: leases_renew
 -- Renew every lease this process holds and its own liveness in one statement; the ids that
 -- do not come back were lost (reaped or cancelled) and must not be written about any more.
 WITH alive AS (
@@ -35,12 +36,7 @@ UPDATE {schema}.jobs j
  WHERE j.id = held.id AND j.lease_token = held.token AND j.state = 'running'
 RETURNING j.id, (SELECT count(*) FROM alive)
 
--- name: heartbeat_idle
-UPDATE {schema}.processes SET heartbeat_at = now(), metadata = %(metadata)s::jsonb
- WHERE id = %(process_id)s
-RETURNING id
-
--- name: finish_succeeded
+-- name: leases_finish_succeeded
 -- The common case of `finish`, kept lean: successes without a result value.
 UPDATE {schema}.jobs j
    SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL, lease_token = NULL,
@@ -49,7 +45,7 @@ UPDATE {schema}.jobs j
  WHERE j.id = o.id AND j.lease_token = o.token AND j.state = 'running'
 RETURNING j.id
 
--- name: finish
+-- name: leases_finish
 -- Write a batch of outcomes. `delays` is seconds from now for re-queued jobs; a snoozed
 -- attempt is given back; errors are appended to the capped history.
 UPDATE {schema}.jobs j
@@ -75,7 +71,7 @@ UPDATE {schema}.jobs j
  WHERE j.id = o.id AND j.lease_token = o.token AND j.state = 'running'
 RETURNING j.id
 
--- name: release
+-- name: leases_release
 -- Give unfinished jobs back at once (drain deadline, fast stop): the attempt is not spent,
 -- except for at-most-once jobs, which must never run twice and end dead instead.
 UPDATE {schema}.jobs j
@@ -91,32 +87,51 @@ UPDATE {schema}.jobs j
  WHERE j.id = o.id AND j.lease_token = o.token AND j.state = 'running'
 RETURNING j.id
 
--- name: register_process
-INSERT INTO {schema}.processes (host, pid, role, queue, metadata)
-VALUES (%(host)s, %(pid)s, %(role)s, %(queue)s, %(metadata)s::jsonb)
-RETURNING id
+-- name: leases_revoke
+-- The leases of silent processes end now rather than at their expiry; reap_expired then
+-- treats those jobs like any other expired lease (first, as -infinity sorts first).
+UPDATE {schema}.jobs SET lease_expires_at = '-infinity'
+ WHERE state = 'running' AND lease_expires_at IS NOT NULL
+   AND locked_by = ANY(%(process_ids)s::bigint[])
 
--- name: deregister_process
-DELETE FROM {schema}.processes WHERE id = %(process_id)s
-
--- name: sync_queue
--- A daemon states its queue's cluster-wide defaults, which database-side duties read.
-INSERT INTO {schema}.queues (name, max_attempts, delivery, updated_at)
-VALUES (%(queue)s, %(max_attempts)s, %(delivery)s, now())
-ON CONFLICT (name) DO UPDATE
-   SET max_attempts = excluded.max_attempts, delivery = excluded.delivery, updated_at = now()
- WHERE (queues.max_attempts, queues.delivery)
-       IS DISTINCT FROM (excluded.max_attempts, excluded.delivery)
-
--- name: sync_events
--- Only a change calls set_events, which briefly locks the jobs table to switch its trigger.
-SELECT {schema}.set_events(name, %(enabled)s) FROM {schema}.queues
- WHERE name = %(queue)s AND events IS DISTINCT FROM %(enabled)s
-
--- name: sync_task
-INSERT INTO {schema}.tasks (name, max_attempts, delivery, updated_at)
-VALUES (%(name)s, %(max_attempts)s, %(delivery)s, now())
-ON CONFLICT (name) DO UPDATE
-   SET max_attempts = excluded.max_attempts, delivery = excluded.delivery, updated_at = now()
- WHERE (tasks.max_attempts, tasks.delivery)
-       IS DISTINCT FROM (excluded.max_attempts, excluded.delivery)
+-- name: leases_reap_expired
+-- Running jobs whose lease expired (their worker died or froze) go back to queued after a
+-- short backoff, or to dead when out of attempts or delivered at most once. The error names
+-- the process that lost the job.
+WITH expired AS (
+    SELECT id FROM {schema}.jobs
+     WHERE state = 'running' AND lease_expires_at < now()
+     ORDER BY lease_expires_at
+     LIMIT %(batch)s
+       FOR UPDATE SKIP LOCKED
+), decided AS (
+    SELECT j.id,
+           coalesce(t.delivery, q.delivery, 'at_least_once') = 'at_most_once' AS at_most_once,
+           j.attempt >= coalesce(j.max_attempts, t.max_attempts, q.max_attempts, 20)
+               AS exhausted,
+           jsonb_build_object(
+               'attempt', j.attempt, 'kind', 'LeaseExpired',
+               'message', format('lease expired: worker process %%s (%%s pid %%s) stopped renewing it',
+                                 j.locked_by, coalesce(p.host, 'unknown host'),
+                                 coalesce(p.pid::text, '?')),
+               'traceback', NULL) AS error
+      FROM expired e
+      JOIN {schema}.jobs j ON j.id = e.id
+      LEFT JOIN {schema}.tasks t ON t.name = j.task
+      LEFT JOIN {schema}.queues q ON q.name = j.queue
+      LEFT JOIN {schema}.processes p ON p.id = j.locked_by
+)
+UPDATE {schema}.jobs j
+   SET state = CASE WHEN d.at_most_once OR d.exhausted THEN 'dead' ELSE 'queued' END,
+       run_at = now() + least(power(2, greatest(j.attempt - 1, 0)), 300) * interval '1 second',
+       finished_at = CASE WHEN d.at_most_once OR d.exhausted THEN now() END,
+       last_error = d.error->>'message',
+       errors = (SELECT coalesce(jsonb_agg(e ORDER BY n), '[]')
+                   FROM jsonb_array_elements(j.errors || jsonb_build_array(d.error))
+                        WITH ORDINALITY AS h(e, n)
+                  WHERE n > jsonb_array_length(j.errors) + 1
+                            - (SELECT error_history FROM {schema}.settings)),
+       lease_expires_at = NULL, lease_token = NULL, locked_by = NULL
+  FROM decided d
+ WHERE j.id = d.id
+RETURNING j.id, j.queue, j.task, j.state, j.attempt
