@@ -9,10 +9,17 @@ claimed first) by `step`, and by `step` again for every further `every`, but not
 
 from __future__ import annotations
 
+import logging
+import math
+
 import psycopg
 
 from jobqd.config.settings import Settings
+from jobqd.maintenance.duty import Duty, Result
+from jobqd.observe.metrics import JobqdMetrics
 from jobqd.store.sql import queries
+
+log = logging.getLogger("jobqd.maintenance")
 
 MAX_BATCHES = 20
 
@@ -49,3 +56,23 @@ def interval(settings: Settings) -> float | None:
     queue ages."""
     everies = [q.aging.every for q in settings.queues.values() if q.aging is not None]
     return min(60.0, max(1.0, min(everies))) if everies else None
+
+
+class Aging(Duty):
+    """The aging duty, every `interval(settings)`; never due when no queue ages."""
+
+    name = "aging"
+
+    def __init__(self, settings: Settings, metrics: JobqdMetrics | None = None) -> None:
+        super().__init__(settings, metrics)
+        self.every = interval(settings)
+
+    @property
+    def enabled(self) -> bool:
+        return self.every is not None
+
+    def run(self, conn: psycopg.Connection) -> Result:
+        moved = run_once(conn, self.settings)
+        if moved:
+            log.info("aged %s", ", ".join(f"{n} job(s) of {queue}" for queue, n in moved.items()))
+        return Result(moved, math.inf if self.every is None else self.every)

@@ -34,6 +34,7 @@ from croniter import CroniterBadDateError, croniter
 
 from jobqd.config.settings import CronSettings, Settings
 from jobqd.errors import JobqdError
+from jobqd.maintenance.duty import Duty, Result
 from jobqd.observe.metrics import JobqdMetrics
 from jobqd.store.sql import queries
 
@@ -41,6 +42,7 @@ log = logging.getLogger("jobqd.cron")
 
 ON_TIME = 5.0  # seconds: a tick this late still fires under `skip`
 LIMIT = 1000  # ticks of one entry per pass
+_WAKE_EARLY = 0.005  # aim this far past a cron tick, so the database clock has reached it
 
 
 class UnknownEntry(JobqdError, LookupError):
@@ -255,6 +257,22 @@ def run_once(
     upcoming = [t for e in entries.values() if (t := _schedule(e).next_after(clock)) is not None]
     result.next_tick = min(upcoming, default=None)
     return result
+
+
+class Cron(Duty):
+    """The cron duty: fires due ticks every `maintenance.interval`, and is due again at the
+    next tick of any entry when that comes sooner, so ticks fire on time."""
+
+    name = "cron"
+
+    def run(self, conn: psycopg.Connection) -> Result:
+        fired = run_once(conn, self.settings, metrics=self.metrics)
+        again = self.settings.maintenance.interval
+        if fired.next_tick is not None and fired.now is not None:
+            wait = (fired.next_tick - fired.now).total_seconds() + _WAKE_EARLY
+            again = min(again, max(0.0, wait))
+        counts = {"fired": sum(map(len, fired.fired.values())), "failed": len(fired.failed)}
+        return Result(counts, again)
 
 
 def _fields(name: str, entry: CronSettings) -> dict[str, Any]:

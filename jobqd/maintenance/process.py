@@ -1,9 +1,10 @@
 """The maintenance process: competes for leadership and, while leader, runs the duties.
 
 Every node runs one. A standby tries for the leader lock every `maintenance.standby_retry`
-(with jitter). The leader ticks every `maintenance.interval`, or sooner when a cron tick is
-due: it first proves it still holds the lock, then fires due cron ticks and, each on its own
-cadence, runs the reaper, the pruner and priority aging, all on the session
+(with jitter). The leader ticks every `maintenance.interval`, or sooner when a duty is due
+(a cron tick, say): it first proves it still holds the lock, then runs each due duty (cron,
+the reaper, the pruner, priority aging: jobqd.maintenance.duty), re-proving leadership before
+each, all on the session
 that holds the lock (jobqd.maintenance.leader). Any error on that session, or a
 verification older than the trust window, makes it step down at once: it closes the session,
 which frees the lock, and becomes a standby. The loop is one thread sleeping on a wake-up
@@ -29,18 +30,19 @@ import psycopg
 from jobqd.config.settings import Settings
 from jobqd.daemon.ipc import Sender
 from jobqd.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, DatabaseUnavailable
-from jobqd.maintenance import aging, cron, pruner, reaper
+from jobqd.maintenance import pruner
+from jobqd.maintenance.aging import Aging
+from jobqd.maintenance.cron import Cron
+from jobqd.maintenance.duty import Duty
 from jobqd.maintenance.leader import LeaderSession, LeadershipLost, PoolerDetected, ensure_direct
+from jobqd.maintenance.pruner import Pruner
+from jobqd.maintenance.reaper import Reaper
 from jobqd.observe.metrics import Registry, define_jobqd_metrics
 from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.maintenance")
 
 STATUS_INTERVAL = 1.0
-PRUNE_INTERVAL = 30.0
-PRUNE_BUDGET = 0.5  # seconds of pruning per tick, so cron ticks are never held up for long
-PRUNE_BACKLOG_INTERVAL = 1.0  # a pass that used its whole budget continues this soon
-_WAKE_EARLY = 0.005  # aim this far past a cron tick, so the database clock has reached it
 
 
 class Maintenance:
@@ -77,12 +79,11 @@ class Maintenance:
         now = time.monotonic()
         self._next_try = now
         self._next_tick = now
-        self._next_reap = now
-        self._next_prune = now
-        self._next_aging = now
         self._next_heartbeat = now
         self._next_status = now
-        self._aging_interval = aging.interval(settings)
+        self.duties: list[Duty] = [
+            duty(settings, self.metrics) for duty in (Cron, Reaper, Pruner, Aging)
+        ]
         self._heartbeat_interval = min(5.0, settings.reaper.process_grace / 3)
         self._last_db_error = ""
 
@@ -187,8 +188,9 @@ class Maintenance:
         self.on_title("maintenance leader")
         self.metrics.leader.set(1)
         now = time.monotonic()
-        self._next_tick = self._next_reap = self._next_aging = now
-        self._next_prune = now + 5.0  # cron and the reaper first
+        self._next_tick = now
+        for duty in self.duties:
+            duty.start(now)
         self._heartbeat()
         if pruner.sync_settings(self.session.conn, self.settings):  # type: ignore[arg-type]
             log.info("cluster settings updated from this node's config")
@@ -226,36 +228,18 @@ class Maintenance:
     # -- the leader's tick ------------------------------------------------------------------
 
     def _tick(self) -> None:
+        """Run the due duties, proving leadership first and re-proving it before each; the
+        next tick is at the latest one interval on, sooner when a duty is due sooner."""
         self.session.verify()
         conn = self.session.conn
         assert conn is not None
         now = time.monotonic()
-        settings = self.settings
-        self._next_tick = now + settings.maintenance.interval
-        fired = cron.run_once(conn, settings, metrics=self.metrics)
-        if fired.next_tick is not None and fired.now is not None:
-            wait = (fired.next_tick - fired.now).total_seconds() + _WAKE_EARLY
-            self._next_tick = min(self._next_tick, now + max(0.0, wait))
-        if now >= self._next_reap:
-            self._ensure_trusted()
-            reaper.run_once(conn, settings, metrics=self.metrics)
-            self._next_reap = now + settings.reaper.interval
-        if now >= self._next_prune:
-            self._ensure_trusted()
-            started = time.monotonic()
-            deleted = pruner.prune(conn, settings, budget=PRUNE_BUDGET)
-            if any(deleted.values()):
-                log.info("pruned %s", ", ".join(f"{n} {kind}" for kind, n in deleted.items() if n))
-            backlog = time.monotonic() - started >= PRUNE_BUDGET
-            self._next_prune = now + (PRUNE_BACKLOG_INTERVAL if backlog else PRUNE_INTERVAL)
-        if self._aging_interval is not None and now >= self._next_aging:
-            self._ensure_trusted()
-            moved = aging.run_once(conn, settings)
-            if moved:
-                log.info(
-                    "aged %s", ", ".join(f"{n} job(s) of {queue}" for queue, n in moved.items())
-                )
-            self._next_aging = now + self._aging_interval
+        self._next_tick = now + self.settings.maintenance.interval
+        for duty in self.duties:
+            if duty.due(now):
+                self._ensure_trusted()
+                duty.run_due(conn, now)
+        self._next_tick = min(self._next_tick, *(duty.next_due for duty in self.duties))
 
     # -- registration, heartbeat, status ----------------------------------------------------
 

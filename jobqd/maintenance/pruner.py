@@ -2,20 +2,29 @@
 bundles, in small batches, so the hot table stays small and no statement holds locks for long.
 
 Succeeded and cancelled jobs go after `retention.succeeded`, dead ones after `retention.dead`,
-each overridable per queue (`queues.NAME.retention`). `jobqctl prune` runs the same pass.
+each overridable per queue (`queues.NAME.retention`). The leader runs a pass every
+`PRUNE_INTERVAL`, within `PRUNE_BUDGET`; `jobqctl prune` runs the same pass, unbounded.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import psycopg
 
 from jobqd.config.settings import Settings
+from jobqd.maintenance.duty import Duty, Result
 from jobqd.store.sql import queries
 
+log = logging.getLogger("jobqd.maintenance")
+
 BATCH = 1000  # rows per statement: each is its own short transaction
+PRUNE_INTERVAL = 30.0
+PRUNE_BUDGET = 0.5  # seconds of pruning per pass, so cron ticks are never held up for long
+PRUNE_BACKLOG_INTERVAL = 1.0  # a pass that used its whole budget continues this soon
+PRUNE_FIRST_DELAY = 5.0  # after taking over: cron and the reaper first
 
 
 class _Budget:
@@ -95,3 +104,19 @@ def sync_settings(conn: psycopg.Connection, settings: Settings) -> bool:
     sql = queries(settings.database.schema)
     cur = conn.execute(sql.retention_sync_settings, {"idempotency": settings.retention.idempotency})
     return cur.rowcount > 0
+
+
+class Pruner(Duty):
+    """The pruning duty: a budgeted pass every PRUNE_INTERVAL, or again soon while a backlog
+    lasts."""
+
+    name = "pruner"
+    first_delay = PRUNE_FIRST_DELAY
+
+    def run(self, conn: psycopg.Connection) -> Result:
+        started = time.monotonic()
+        deleted = prune(conn, self.settings, budget=PRUNE_BUDGET)
+        if any(deleted.values()):
+            log.info("pruned %s", ", ".join(f"{n} {kind}" for kind, n in deleted.items() if n))
+        backlog = time.monotonic() - started >= PRUNE_BUDGET
+        return Result(deleted, PRUNE_BACKLOG_INTERVAL if backlog else PRUNE_INTERVAL)

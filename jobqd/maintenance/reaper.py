@@ -3,25 +3,68 @@
 A running job whose lease expired goes back to `queued` (with a short backoff, its attempt
 spent) or to `dead` when out of attempts or delivered at most once; its error names the worker
 that lost it. A process that stopped heartbeating for longer than `reaper.process_grace` is
-removed, and its leases are revoked at once rather than left to expire. Every statement works
-on a bounded batch and is safe to run twice, or by two leaders at once (`SKIP LOCKED`, and each
-job's state is re-checked under its row lock).
+removed, and its leases are revoked at once rather than left to expire; the master does the
+same through `release` for a worker it saw die. Every statement works on a bounded batch and
+is safe to run twice, or by two leaders at once (`SKIP LOCKED`, and each job's state is
+re-checked under its row lock).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import psycopg
 
 from jobqd.config.settings import Settings
+from jobqd.maintenance.duty import Duty, Result
 from jobqd.observe.metrics import JobqdMetrics
-from jobqd.store.sql import queries
+from jobqd.store.sql import Queries, queries
 
 log = logging.getLogger("jobqd.reaper")
 
 MAX_BATCHES = 20  # per pass: a backlog beyond batch * MAX_BATCHES waits for the next pass
+
+
+class TakenBack(NamedTuple):
+    """A job whose lease was taken back, as leases_reap_expired returns it."""
+
+    job_id: int
+    queue: str
+    task: str
+    state: str  # queued again, or dead
+    attempt: int
+
+    @property
+    def outcome(self) -> str:
+        if self.state == "dead":
+            return "dead (no attempts left or at-most-once)"
+        return "queued again"
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "queue": self.queue,
+            "task": self.task,
+            "attempt": self.attempt,
+        }
+
+
+def release(conn: psycopg.Connection, sql: Queries, process_ids: Sequence[int]) -> list[TakenBack]:
+    """Take back at once the running jobs of processes known to be dead: their leases end now
+    and the expired-lease statement decides each job, so retries, attempt limits and
+    at-most-once delivery come out exactly as for a lease that ran out. One transaction (a
+    savepoint inside the caller's)."""
+    with conn.transaction():
+        revoked = conn.execute(sql.leases_revoke, {"process_ids": list(process_ids)}).rowcount
+        if not revoked:
+            return []
+        # The revoked leases sort first (-infinity), so this batch is theirs.
+        rows = conn.execute(sql.leases_reap_expired, {"batch": revoked}).fetchall()
+    return [TakenBack(*row) for row in rows]
 
 
 @dataclass
@@ -35,6 +78,13 @@ class ReapPass:
     def __bool__(self) -> bool:
         return bool(self.queued or self.dead or self.processes)
 
+    def add(self, jobs: list[TakenBack], metrics: JobqdMetrics | None) -> None:
+        for job in jobs:
+            (self.dead if job.state == "dead" else self.queued).append(job.job_id)
+            if metrics is not None:
+                metrics.lease_expirations.inc(job.queue)
+            log.warning("lease of a lost worker taken back: job %s", job.outcome, extra=job.fields)
+
 
 def run_once(
     conn: psycopg.Connection, settings: Settings, *, metrics: JobqdMetrics | None = None
@@ -46,18 +96,10 @@ def run_once(
     with conn.transaction():
         silent = conn.execute(sql.processes_silent, {"grace": grace, "batch": batch}).fetchall()
         if silent:
-            conn.execute(sql.leases_revoke, {"process_ids": [row[0] for row in silent]})
+            result.add(release(conn, sql, [row[0] for row in silent]), metrics)
     for _ in range(MAX_BATCHES):
         rows = conn.execute(sql.leases_reap_expired, {"batch": batch}).fetchall()
-        for job_id, queue, task, state, attempt in rows:
-            (result.dead if state == "dead" else result.queued).append(job_id)
-            if metrics is not None:
-                metrics.lease_expirations.inc(queue)
-            log.warning(
-                "lease of a lost worker taken back: job %s",
-                "dead (no attempts left or at-most-once)" if state == "dead" else "queued again",
-                extra={"job_id": job_id, "queue": queue, "task": task, "attempt": attempt},
-            )
+        result.add([TakenBack(*row) for row in rows], metrics)
         if len(rows) < batch:
             break
     if silent:
@@ -76,3 +118,18 @@ def run_once(
                     extra={"queue": queue} if queue else {},
                 )
     return result
+
+
+class Reaper(Duty):
+    """The reaper duty, every `reaper.interval`."""
+
+    name = "reaper"
+
+    def run(self, conn: psycopg.Connection) -> Result:
+        reaped = run_once(conn, self.settings, metrics=self.metrics)
+        counts = {
+            "queued": len(reaped.queued),
+            "dead": len(reaped.dead),
+            "processes": len(reaped.processes),
+        }
+        return Result(counts, self.settings.reaper.interval)

@@ -29,6 +29,7 @@ from psycopg import sql as pgsql
 
 from jobqd.backoff import Backoff
 from jobqd.daemon.ipc import Sender
+from jobqd.maintenance import reaper
 from jobqd.observe.metrics import Registry as MetricsRegistry
 from jobqd.observe.metrics import define_jobqd_metrics
 from jobqd.store.connections import connect
@@ -255,20 +256,16 @@ class Worker:
     def take_back(self, process_ids: tuple[int, ...]) -> None:
         """Give back at once the jobs of predecessors the master saw die, rather than leave
         them to the reaper when their leases expire: a dead process cannot write any more.
-        They go through the reaper's own statement, so retries, attempt limits and
+        They go through the reaper's own function, so retries, attempt limits and
         at-most-once delivery are decided exactly as for an expired lease."""
         db = self._db()
         with db.transaction():
-            revoked = db.execute(self.sql.leases_revoke, {"process_ids": list(process_ids)})
-            count = revoked.rowcount
-            rows = db.execute(self.sql.leases_reap_expired, {"batch": max(count, 1)}).fetchall()
+            jobs = reaper.release(db, self.sql, process_ids)
             for process_id in process_ids:
                 db.execute(self.sql.processes_deregister, {"process_id": process_id})
-        for job_id, queue, task, state, attempt in rows:
+        for job in jobs:
             log.warning(
-                "job of a worker process that died taken back: %s",
-                "dead (no attempts left or at-most-once)" if state == "dead" else "queued again",
-                extra={"job_id": job_id, "queue": queue, "task": task, "attempt": attempt},
+                "job of a worker process that died taken back: %s", job.outcome, extra=job.fields
             )
 
     def sync_definitions(self) -> None:
