@@ -1,19 +1,28 @@
-"""Cron against a real Postgres: once-only ticks, misfire policies, manual runs, status.
-
-The process-level test (a one-second schedule across a leader kill) is in test_maintenance.
+"""Cron against a real Postgres: once-only ticks, misfire policies, manual runs, status, the
+duty's cadence, and a one-second schedule across a leader kill in maintenance processes.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from datetime import timedelta
 
 import psycopg
 import pytest
-from helpers import wait_for
+from helpers import scalar, wait_for
+from leaders import FAST, leader_pid, start
 
 from jobqd.config.settings import parse
-from jobqd.maintenance.cron import UnknownEntry, cron_status, fire_now, run_once, tick_text
+from jobqd.maintenance.cron import (
+    Cron,
+    UnknownEntry,
+    cron_status,
+    fire_now,
+    run_once,
+    tick_text,
+)
 
 MINUTELY = """
 cron:
@@ -190,3 +199,80 @@ def test_cron_status_shows_last_and_next_ticks(conn, t0):
     assert status["skip"]["last_tick"] is None
     assert status["off"]["enabled"] is False and status["off"]["next_tick"] is None
     assert fired["schedule"] == "* * * * *" and fired["timezone"] == "UTC"
+
+
+CRON = (
+    FAST
+    + """
+cron:
+  all:
+    schedule: "* * * * * *"
+    task: test.noop
+    misfire: all
+  skip:
+    schedule: "* * * * * *"
+    task: test.noop
+    args: {entry: skip}
+"""
+)
+
+
+def ticks(dsn, name):
+    with psycopg.connect(dsn) as c:
+        return c.execute(
+            "SELECT t.tick, j.args->>'cron_tick', j.task FROM jobqd.cron_ticks t"
+            " JOIN jobqd.jobs j ON j.id = t.job_id WHERE t.name = %s ORDER BY t.tick",
+            (name,),
+        ).fetchall()
+
+
+def test_cron_fires_once_per_tick_across_a_leader_kill(db, procs):
+    for _ in range(2):
+        start(procs, db, CRON)
+    first = wait_for(lambda: leader_pid(db), what="a leader")
+    wait_for(lambda: len(ticks(db, "all")) >= 4, what="four ticks")
+    os.kill(first, signal.SIGKILL)
+    killed = scalar(db, "SELECT now()")
+    wait_for(lambda: leader_pid(db) not in (None, first), timeout=10, what="a new leader")
+    wait_for(
+        lambda: (
+            scalar(db, "SELECT count(*) FROM jobqd.cron_ticks WHERE tick > %s", (killed,)) >= 10
+        ),
+        timeout=15,
+        what="ticks from the new leader",
+    )
+    for proc in procs:
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.join(10)
+
+    # No tick enqueued twice: one job per (entry, tick), and no job outside cron_ticks.
+    with psycopg.connect(db) as c:
+        dupes = c.execute(
+            "SELECT args->>'entry', args->>'cron_tick' FROM jobqd.jobs"
+            " GROUP BY 1, 2 HAVING count(*) > 1"
+        ).fetchall()
+        jobs = c.execute("SELECT count(*) FROM jobqd.jobs").fetchone()[0]
+    assert dupes == []
+    fired_all, fired_skip = ticks(db, "all"), ticks(db, "skip")
+    assert jobs == len(fired_all) + len(fired_skip)
+    assert all(text == tick_text(tick) for tick, text, _ in fired_all + fired_skip)
+    # misfire: all -> every second from the first tick to the last, the handover included.
+    seconds = [tick for tick, _, _ in fired_all]
+    assert seconds == [seconds[0] + timedelta(seconds=n) for n in range(len(seconds))]
+    # misfire: skip -> the handover was shorter than the on-time tolerance: nothing skipped.
+    skipped = [tick for tick, _, _ in fired_skip]
+    assert skipped == [skipped[0] + timedelta(seconds=n) for n in range(len(skipped))]
+
+
+def test_the_cron_duty_is_due_again_at_the_next_tick_or_one_interval_on(conn):
+    every_second = settings(
+        'maintenance: {interval: 2s}\ncron: {s: {schedule: "* * * * * *", task: t.s}}'
+    )
+    duty = Cron(every_second)
+    duty.start(100.0)
+    assert duty.due(100.0)
+    result = duty.run_due(conn, 100.0)
+    assert dict(result.counts) == {"fired": 0, "failed": 0}  # first seen: due from now on
+    assert 0.0 <= result.again_in <= 1.005 and duty.next_due == 100.0 + result.again_in
+    assert Cron(settings("maintenance: {interval: 2s}")).run(conn).again_in == 2.0

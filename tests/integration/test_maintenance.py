@@ -1,8 +1,10 @@
-"""Maintenance processes against a real Postgres: election, failover, cron across a leader
-kill, the reaper with killed workers, the leader's duties, bundles with real workers.
+"""Maintenance processes against a real Postgres: election, failover, stepping down, the
+messages to the master, the leader running all its duties, bundles with real workers, and
+poolers in front of the leader session.
 
-Maintenance processes run in spawned processes through the same serve() the daemon forks;
-assertions are about rows, locks and exit codes.
+Maintenance processes run in spawned processes through the same serve() the daemon forks
+(tests/leaders.py); assertions are about rows, locks and exit codes. Each duty has its own
+file: test_cron, test_reaper, test_pruner, test_aging.
 """
 
 from __future__ import annotations
@@ -22,38 +24,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import LEDGER_DSN_ENV, LEDGER_TABLE, scalar, start_worker, wait_for
+from helpers import scalar, start_worker, wait_for
+from leaders import FAST, claimed_leaders, leader, leader_pid, start
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd import Client
 from jobqd.config.settings import parse
 from jobqd.daemon.ipc import Receiver
-from jobqd.maintenance.cron import tick_text
-from jobqd.maintenance.leader import current_leader
-
-FAST = """
-maintenance: {interval: 200ms, standby_retry: 500ms}
-reaper: {interval: 300ms, process_grace: 30s}
-"""
-
-
-def run_maintenance(yaml_text: str, dsn: str, writer=None) -> None:
-    """Target of a spawned maintenance process."""
-    os.environ[LEDGER_DSN_ENV] = dsn
-    from jobqd.daemon.ipc import Sender
-    from jobqd.maintenance.process import serve
-    from jobqd.observe.logs import setup_logging
-
-    setup_logging("json", "info", role="maintenance")
-    settings = parse(yaml_text, "<test>", {"JOBQD_DATABASE_URL": dsn})
-    sender = Sender(writer.fileno()) if writer is not None else None
-    raise SystemExit(serve(settings, dsn, sender=sender))
-
-
-@pytest.fixture
-def db(dsn, conn):
-    conn.execute(LEDGER_TABLE)
-    return dsn
 
 
 @pytest.fixture
@@ -64,46 +41,6 @@ def tcp_db(db):
     if not host or host.startswith("/"):
         pytest.skip("needs the test server on TCP; the embedded fallback has a unix socket only")
     return db
-
-
-@pytest.fixture
-def procs():
-    started: list[multiprocessing.Process] = []
-    yield started
-    for proc in started:
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-        proc.join(5)
-
-
-def start(procs, dsn, yaml_text=FAST, writer=None):
-    ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=run_maintenance, args=(yaml_text, dsn, writer), daemon=True)
-    proc.start()
-    procs.append(proc)
-    return proc
-
-
-def leader(dsn):
-    """The lock holder's row: from pg_locks, so only the real holder counts."""
-    with psycopg.connect(dsn, autocommit=True) as c:
-        return current_leader(c, "jobqd")
-
-
-def leader_pid(dsn):
-    found = leader(dsn)
-    return found["pid"] if found and found["pid"] else None
-
-
-def claimed_leaders(dsn, alive):
-    """OS pids of live maintenance processes whose registration says leader."""
-    with psycopg.connect(dsn, autocommit=True) as c:
-        rows = c.execute(
-            "SELECT pid FROM jobqd.processes"
-            " WHERE role = 'maintenance' AND (metadata->>'leader')::boolean"
-        ).fetchall()
-    return sorted(pid for (pid,) in rows if pid in alive)
 
 
 def test_exactly_one_leader_and_failover_after_sigkill(db, procs):
@@ -164,70 +101,6 @@ def test_terminated_lock_session_steps_down_and_someone_takes_over(db, procs):
         ),
         what="both processes heartbeating",
     )
-
-
-CRON = (
-    FAST
-    + """
-cron:
-  all:
-    schedule: "* * * * * *"
-    task: test.noop
-    misfire: all
-  skip:
-    schedule: "* * * * * *"
-    task: test.noop
-    args: {entry: skip}
-"""
-)
-
-
-def ticks(dsn, name):
-    with psycopg.connect(dsn) as c:
-        return c.execute(
-            "SELECT t.tick, j.args->>'cron_tick', j.task FROM jobqd.cron_ticks t"
-            " JOIN jobqd.jobs j ON j.id = t.job_id WHERE t.name = %s ORDER BY t.tick",
-            (name,),
-        ).fetchall()
-
-
-def test_cron_fires_once_per_tick_across_a_leader_kill(db, procs):
-    for _ in range(2):
-        start(procs, db, CRON)
-    first = wait_for(lambda: leader_pid(db), what="a leader")
-    wait_for(lambda: len(ticks(db, "all")) >= 4, what="four ticks")
-    os.kill(first, signal.SIGKILL)
-    killed = scalar(db, "SELECT now()")
-    wait_for(lambda: leader_pid(db) not in (None, first), timeout=10, what="a new leader")
-    wait_for(
-        lambda: (
-            scalar(db, "SELECT count(*) FROM jobqd.cron_ticks WHERE tick > %s", (killed,)) >= 10
-        ),
-        timeout=15,
-        what="ticks from the new leader",
-    )
-    for proc in procs:
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.join(10)
-
-    # No tick enqueued twice: one job per (entry, tick), and no job outside cron_ticks.
-    with psycopg.connect(db) as c:
-        dupes = c.execute(
-            "SELECT args->>'entry', args->>'cron_tick' FROM jobqd.jobs"
-            " GROUP BY 1, 2 HAVING count(*) > 1"
-        ).fetchall()
-        jobs = c.execute("SELECT count(*) FROM jobqd.jobs").fetchone()[0]
-    assert dupes == []
-    fired_all, fired_skip = ticks(db, "all"), ticks(db, "skip")
-    assert jobs == len(fired_all) + len(fired_skip)
-    assert all(text == tick_text(tick) for tick, text, _ in fired_all + fired_skip)
-    # misfire: all -> every second from the first tick to the last, the handover included.
-    seconds = [tick for tick, _, _ in fired_all]
-    assert seconds == [seconds[0] + timedelta(seconds=n) for n in range(len(seconds))]
-    # misfire: skip -> the handover was shorter than the on-time tolerance: nothing skipped.
-    skipped = [tick for tick, _, _ in fired_skip]
-    assert skipped == [skipped[0] + timedelta(seconds=n) for n in range(len(skipped))]
 
 
 class FreezingProxy:
@@ -332,36 +205,6 @@ def test_status_messages_and_exit_code_for_the_master(db, procs):
     assert leader(db) is None
 
 
-def test_reaper_requeues_a_killed_workers_jobs_after_lease_expiry(db, procs):
-    with Client(db) as client:
-        ids = [client.enqueue("test.sleep", {"seconds": 2}) for _ in range(2)]
-    worker = start_worker(procs, db, concurrency=2, lease=2.0)
-    wait_for(
-        lambda: scalar(db, "SELECT count(*) FROM public.ledger WHERE attempt = 1") == 2,
-        what="both jobs started",
-    )
-    os.kill(worker.pid, signal.SIGKILL)
-    start(procs, db)
-    start_worker(procs, db, concurrency=2, lease=2.0)
-    with Client(db) as client:
-        wait_for(
-            lambda: all(client.get(i).state == "succeeded" for i in ids),
-            timeout=20,
-            what="both jobs ran again and succeeded",
-        )
-        for job_id in ids:
-            info = client.get(job_id)
-            assert info.attempt == 2
-            assert info.errors[0]["kind"] == "LeaseExpired"
-            assert f"pid {worker.pid}" in info.errors[0]["message"]
-    with psycopg.connect(db) as c:
-        attempts = c.execute(
-            "SELECT job_id, array_agg(attempt ORDER BY attempt) FROM public.ledger"
-            " WHERE task = 'test.sleep' GROUP BY job_id ORDER BY job_id"
-        ).fetchall()
-    assert attempts == [(i, [1, 2]) for i in sorted(ids)]
-
-
 DUTIES = """
 maintenance: {interval: 200ms, standby_retry: 500ms}
 reaper: {interval: 300ms, process_grace: 3s}
@@ -450,134 +293,6 @@ def test_bundle_callback_runs_once_after_the_last_job_even_when_some_die(db, pro
     with psycopg.connect(db) as c:
         runs = c.execute("SELECT job_id FROM public.ledger WHERE task = 'test.record'").fetchall()
     assert runs == [(bundle.callback_job_id,)]
-
-
-RETENTION = """
-retention: {succeeded: 1h, dead: 1d, idempotency: 2h}
-queues:
-  default: {}
-  keep: {retention: {succeeded: 7d, dead: 30d}}
-"""
-
-
-def test_prune_deletes_only_what_retention_says(conn):
-    from jobqd.maintenance.pruner import prune, sync_settings
-
-    rows = [  # queue, state, finished this long ago, pruned?
-        ("default", "succeeded", "2 hours", True),
-        ("default", "succeeded", "30 minutes", False),
-        ("default", "cancelled", "2 hours", True),
-        ("default", "dead", "2 hours", False),
-        ("default", "dead", "2 days", True),
-        ("keep", "succeeded", "2 days", False),
-        ("keep", "succeeded", "8 days", True),
-        ("keep", "dead", "2 days", False),
-        ("keep", "dead", "31 days", True),
-        ("elsewhere", "succeeded", "2 hours", True),  # not configured: top-level retention
-        ("elsewhere", "succeeded", "10 minutes", False),
-    ]
-    for queue, state, age, _ in rows * 3:  # three of each, so batches of 2 must loop
-        conn.execute(
-            "INSERT INTO jobqd.jobs (queue, task, state, finished_at, created_at)"
-            " VALUES (%s, %s, %s, now() - %s::interval, now() - %s::interval)",
-            (queue, f"{queue}/{state}/{age}", state, age, age),
-        )
-    conn.execute(
-        "INSERT INTO jobqd.jobs (queue, task, created_at) VALUES ('default', 'waiting',"
-        " now() - interval '90 days')"
-    )
-    conn.execute(
-        "INSERT INTO jobqd.idempotency_keys VALUES ('gone', 1, now() - interval '1 second'),"
-        " ('kept', 2, now() + interval '1 hour')"
-    )
-    conn.execute(
-        "INSERT INTO jobqd.cron (name, last_tick) VALUES ('nightly', now() - interval '3 days')"
-    )
-    conn.execute(
-        "INSERT INTO jobqd.cron_ticks (name, tick, job_id) VALUES"
-        " ('nightly', now() - interval '4 days', 1),"
-        " ('nightly', (SELECT last_tick FROM jobqd.cron WHERE name = 'nightly'), 2),"
-        " ('nightly', now() - interval '10 minutes', 3)"
-    )
-    conn.execute(
-        "INSERT INTO jobqd.bundles (total, finished_at) VALUES"
-        " (1, now() - interval '2 days'), (1, now() - interval '2 hours'), (1, NULL)"
-    )
-    config = parse(RETENTION, "<test>", {"JOBQD_DATABASE_URL": "postgresql:///unused"})
-
-    counts = prune(conn, config, batch=2)
-
-    survivors = {task for (task,) in conn.execute("SELECT task FROM jobqd.jobs").fetchall()}
-    expected = {f"{q}/{s}/{a}" for q, s, a, pruned in rows if not pruned} | {"waiting"}
-    assert survivors == expected
-    assert conn.execute("SELECT count(*) FROM jobqd.jobs").fetchone()[0] == 3 * 5 + 1
-    assert counts == {
-        "succeeded": 9,
-        "cancelled": 3,
-        "dead": 6,
-        "idempotency_keys": 1,
-        "cron_ticks": 1,  # the 3-day-old one is the entry's last tick: kept
-        "bundles": 1,
-    }
-    assert prune(conn, config) == dict.fromkeys(counts, 0)
-    assert sync_settings(conn, config)
-    window = conn.execute("SELECT idempotency_window FROM jobqd.settings").fetchone()[0]
-    assert window == timedelta(hours=2)
-    assert not sync_settings(conn, config)
-
-
-def test_aging_moves_waiting_jobs_forward_step_by_step_down_to_the_floor(conn):
-    from jobqd.maintenance import aging
-
-    config = parse(
-        """
-queues:
-  default: {}
-  bulk: {aging: {after: 10s, every: 10s, step: 2, floor: -5}}
-""",
-        "<test>",
-        {"JOBQD_DATABASE_URL": "postgresql:///unused"},
-    )
-    cases = [  # queue, state, waited seconds, priority, expected priority
-        ("bulk", "queued", 5, 0, 0),  # not waited long enough
-        ("bulk", "queued", 15, 0, -2),  # one step at `after`
-        ("bulk", "queued", 25, 0, -4),  # and one more per `every`
-        ("bulk", "queued", 100, 0, -5),  # not past the floor
-        ("bulk", "queued", 25, 10, 6),
-        ("bulk", "queued", 100, -10, -10),  # already ahead of the floor: untouched
-        ("bulk", "running", 100, 0, 0),
-        ("default", "queued", 100, 0, 0),  # no aging configured
-    ]
-    ids = []
-    for queue, state, waited, priority, _ in cases:
-        ids.append(
-            conn.execute(
-                "INSERT INTO jobqd.jobs (queue, task, state, priority, run_at, lease_expires_at,"
-                " lease_token) VALUES (%s, 'x', %s, %s, now() - %s * interval '1 second',"
-                " CASE WHEN %s = 'running' THEN now() END, CASE WHEN %s = 'running' THEN 1 END)"
-                " RETURNING id",
-                (queue, state, priority, waited, state, state),
-            ).fetchone()[0]
-        )
-
-    assert aging.run_once(conn, config, batch=2) == {"bulk": 4}
-    assert aging.run_once(conn, config) == {}  # computed from the original: nothing more yet
-
-    got = dict(conn.execute("SELECT id, priority FROM jobqd.jobs").fetchall())
-    assert [got[i] for i in ids] == [case[4] for case in cases]
-    base = conn.execute("SELECT base_priority FROM jobqd.jobs WHERE id = %s", (ids[4],)).fetchone()[
-        0
-    ]
-    assert base == 10
-    # Claim order: the aged job now runs before a fresh job of priority -3.
-    fresh = conn.execute(
-        "INSERT INTO jobqd.jobs (queue, task, priority) VALUES ('bulk', 'fresh', -3) RETURNING id"
-    ).fetchone()[0]
-    order = conn.execute(
-        "SELECT array_agg(id ORDER BY priority, run_at, id) FROM jobqd.jobs WHERE id = ANY(%s)",
-        ([fresh, ids[3]],),
-    ).fetchone()[0]
-    assert order == [ids[3], fresh]
 
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
