@@ -19,7 +19,7 @@ from jobqd.maintenance.duty import Duty, Result
 from jobqd.observe.metrics import JobqdMetrics
 from jobqd.store.sql import queries
 
-log = logging.getLogger("jobqd.maintenance")
+log = logging.getLogger("jobqd.maintenance")  # where the leader has always logged this line
 
 MAX_BATCHES = 20
 

@@ -18,7 +18,7 @@ from jobqd.config.settings import Settings
 from jobqd.maintenance.duty import Duty, Result
 from jobqd.store.sql import queries
 
-log = logging.getLogger("jobqd.maintenance")
+log = logging.getLogger("jobqd.maintenance")  # where the leader has always logged this line
 
 BATCH = 1000  # rows per statement: each is its own short transaction
 PRUNE_INTERVAL = 30.0
