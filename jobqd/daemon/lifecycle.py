@@ -107,6 +107,9 @@ def run_and_exit(serve: Callable[[], int], name: str, fields: dict[str, object])
         os._exit(code)
 
 
+STATUS_INTERVAL = 1.0
+"""Seconds between a child's status messages; the master's child_timeout is many of them."""
+
 ROLES = {
     "worker": "jobqd.worker.process",
     "maintenance": "jobqd.maintenance.process",

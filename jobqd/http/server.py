@@ -42,7 +42,7 @@ from psycopg.conninfo import make_conninfo
 
 from jobqd.config.durations import parse_duration
 from jobqd.daemon.ipc import Sender, Status
-from jobqd.daemon.lifecycle import ChildContext, ChildProcess, Stopping
+from jobqd.daemon.lifecycle import STATUS_INTERVAL, ChildContext, ChildProcess, Stopping
 from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError
 from jobqd.observe.metrics import CONTENT_TYPE, Registry, define_jobqd_metrics
 from jobqd.store import admin, migrate
@@ -59,7 +59,6 @@ REQUEST_TIMEOUT = 10.0
 DB_TIMEOUT_MS = 5_000
 CONNECT_TIMEOUT = 3
 SESSIONS = 4
-STATUS_INTERVAL = 1.0
 _JOB_PATH = re.compile(r"/jobs/([^/]+)")
 _JOB_KEYS = frozenset(
     {
@@ -504,8 +503,17 @@ class HttpChild(ChildProcess):
     role = "http"
     log = log
 
-    def __init__(self, settings: Any, server: ThreadingHTTPServer, feed: Feed, **life: Any) -> None:
-        super().__init__(**life)
+    def __init__(
+        self,
+        settings: Any,
+        server: ThreadingHTTPServer,
+        feed: Feed,
+        *,
+        sender: Sender | None,
+        parent_pid: int | None,
+        on_title: Callable[[str], None] | None,
+    ) -> None:
+        super().__init__(sender=sender, parent_pid=parent_pid, on_title=on_title)
         self.settings = settings
         self.server = server
         self.feed = feed

@@ -25,7 +25,13 @@ import psycopg
 
 from jobqd.config.settings import Settings
 from jobqd.daemon.ipc import Sender, Status
-from jobqd.daemon.lifecycle import ChildContext, ChildProcess, ProcessRow, Stopping
+from jobqd.daemon.lifecycle import (
+    STATUS_INTERVAL,
+    ChildContext,
+    ChildProcess,
+    ProcessRow,
+    Stopping,
+)
 from jobqd.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, DatabaseUnavailable
 from jobqd.maintenance import aging, cron, pruner, reaper
 from jobqd.maintenance.leader import LeaderSession, LeadershipLost, PoolerDetected, ensure_direct
@@ -34,7 +40,6 @@ from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.maintenance")
 
-STATUS_INTERVAL = 1.0
 PRUNE_INTERVAL = 30.0
 PRUNE_BUDGET = 0.5  # seconds of pruning per tick, so cron ticks are never held up for long
 PRUNE_BACKLOG_INTERVAL = 1.0  # a pass that used its whole budget continues this soon

@@ -26,7 +26,13 @@ from psycopg import sql as pgsql
 
 from jobqd.backoff import Backoff
 from jobqd.daemon.ipc import Sender, Status
-from jobqd.daemon.lifecycle import ChildContext, ChildProcess, ProcessRow, Stopping
+from jobqd.daemon.lifecycle import (
+    STATUS_INTERVAL,
+    ChildContext,
+    ChildProcess,
+    ProcessRow,
+    Stopping,
+)
 from jobqd.errors import EXIT_RECYCLE
 from jobqd.observe.metrics import Registry as MetricsRegistry
 from jobqd.observe.metrics import define_jobqd_metrics
@@ -40,7 +46,6 @@ from jobqd.worker.inflight import LEASE_LOST, InFlight
 log = logging.getLogger("jobqd.worker")
 
 _RECONNECT_PAUSE = 1.0
-_STATUS_INTERVAL = 1.0
 _TIMEOUT_CHECK_INTERVAL = 0.1
 
 
@@ -338,7 +343,7 @@ class Worker(ChildProcess):
             if now >= next_status:
                 self._report_status()
                 self._check_memory()
-                next_status = now + _STATUS_INTERVAL
+                next_status = now + STATUS_INTERVAL
             self._check_jobs_run()
             timeout = self._next_wait(now, next_heartbeat, self._next_poll, next_status)
             for key, _ in selector.select(timeout):
