@@ -25,11 +25,8 @@ class UnbatchedWorker(Worker):
     worker, but every outcome is written in a transaction of its own before the next claim."""
 
     def _exchange(self, claim):
-        with self._lock:
-            batch, self._done = self._done, []
-        for outcome in batch:
-            with self._lock:
-                self._done.append(outcome)
+        for outcome in self.inflight.take():
+            self.inflight.put_back([outcome])
             super()._exchange(False)
         super()._exchange(claim)
 
@@ -90,7 +87,7 @@ class Adapter(BaseAdapter):
         async def run():
             loop = asyncio.get_running_loop()
             for s in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(s, worker.stop, "drain")
+                loop.add_signal_handler(s, worker.stop)
             await asyncio.to_thread(worker.run)
 
         return run

@@ -26,3 +26,6 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_CONFIG = 78
 EXIT_BOOT_FAILED = 4
+EXIT_RECYCLE = 10
+"""A worker child's planned exit (hard timeout, max_jobs_per_process, max_memory): the master
+replaces it at once, without restart backoff."""

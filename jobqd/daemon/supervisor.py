@@ -14,7 +14,7 @@ Signals: TERM/INT drain (children get TERM, then QUIT after `shutdown_timeout`, 
 settings changed.
 
 Child -> master messages (jobqd.daemon.ipc, one JSON object per line):
-  `booted {process_id?, queue?}` once the child is ready for work;
+  `booted {role, process_id?, queue?}` once the child is ready for work;
   `status {busy?, concurrency?, leader?, metrics?}` periodically; `metrics` is a
   `Registry.snapshot_delta()` merged into the master's totals, `leader` (maintenance) is a bool.
 
@@ -44,7 +44,6 @@ from jobqd import config
 from jobqd.daemon import report
 from jobqd.daemon.children import (
     HTTP,
-    MAINTENANCE,
     WORKER,
     Child,
     ChildSpec,
@@ -53,16 +52,21 @@ from jobqd.daemon.children import (
     Restarts,
     specs_for,
 )
-from jobqd.daemon.ipc import Sender
-from jobqd.daemon.lifecycle import MASTER_SIGNALS, become_child, run_and_exit
+from jobqd.daemon.ipc import Booted, Message, Sender, Status, decode
+from jobqd.daemon.lifecycle import (
+    MASTER_SIGNALS,
+    ChildContext,
+    become_child,
+    role_entry,
+    run_and_exit,
+)
 from jobqd.daemon.prepare import prepare_database
 from jobqd.daemon.reload import plan_reload
-from jobqd.errors import EXIT_BOOT_FAILED, EXIT_FAILURE, EXIT_OK
+from jobqd.errors import EXIT_BOOT_FAILED, EXIT_FAILURE, EXIT_OK, EXIT_RECYCLE
 from jobqd.observe import sdnotify
 from jobqd.observe.logs import setup_logging
 from jobqd.observe.metrics import Registry, define_jobqd_metrics
 from jobqd.observe.proctitle import set_title
-from jobqd.worker.process import EXIT_RECYCLE
 
 log = logging.getLogger("jobqd.master")
 
@@ -332,75 +336,50 @@ class Supervisor:
             log_level=self.settings.log.level,
         )
         self.registry.reset()
-        sender = Sender(write_fd)
-        settings = self.settings
-        if spec.kind == WORKER:
-            from jobqd.worker.process import WorkerConfig
-            from jobqd.worker.process import serve as serve_worker
-
-            assert spec.queue is not None
-            worker_config = WorkerConfig.from_settings(
-                self.dsn, settings, spec.queue, spec.slot, orphans
-            )
-            return serve_worker(
-                worker_config,
-                imports=settings.imports,
-                commands=settings.tasks,
-                sender=sender,
-                parent_pid=self.pid,
-                on_title=set_title,
-            )
-        if spec.kind == MAINTENANCE:
-            from jobqd.maintenance import process as maintenance
-
-            return maintenance.serve(
-                settings, self.dsn, sender=sender, parent_pid=self.pid, on_title=set_title
-            )
-        from jobqd.http import server as http
-
-        assert feed_fd is not None
-        return http.serve(
-            settings,
-            self.dsn,
-            feed_fd=feed_fd,
-            sender=sender,
+        context = ChildContext(
+            settings=self.settings,
+            dsn=self.dsn,
+            sender=Sender(write_fd),
             parent_pid=self.pid,
             on_title=set_title,
+            queue=spec.queue,
+            slot=spec.slot,
+            orphans=orphans,
+            feed_fd=feed_fd,
         )
+        return role_entry(spec.kind)(context)
 
     def _read(self, child: Child) -> None:
         """Handle what `child` sent, up to the end of what is available."""
         while child.listening:
-            messages, still_open = child.receiver.read()
-            for message in messages:
+            documents, still_open = child.receiver.read()
+            for message in filter(None, map(decode, documents)):
                 self._message(child, message)
             if not still_open:  # closed before the child exited: stop watching it
                 self.selector.unregister(child.fd)
                 child.listening = False
-            if not messages:
+            if not documents:
                 return
 
-    def _message(self, child: Child, message: dict[str, Any]) -> None:
+    def _message(self, child: Child, message: Message) -> None:
         child.last_heard = time.monotonic()
-        kind = message.get("kind")
-        if kind == "booted" and not child.booted:
-            child.booted_at = time.monotonic()
-            process_id = message.get("process_id")
-            child.process_id = process_id if isinstance(process_id, int) else None
-            self._restarts(child.spec).booted()
-            if child.spec.kind == WORKER:
-                self._worker_booted = True
-            log.info("%s booted", child.spec.name, extra=child.fields())
-        elif kind == "status":
-            if isinstance(message.get("busy"), int):
-                child.busy = message["busy"]
-            if isinstance(message.get("concurrency"), int):
-                child.concurrency = message["concurrency"]
-            if isinstance(message.get("leader"), bool):
-                child.leader = message["leader"]
-        delta = message.get("metrics")
-        if isinstance(delta, dict):
-            self.registry.merge(delta, source=child.source)
+        match message:
+            case Booted(process_id=process_id) if not child.booted:
+                child.booted_at = time.monotonic()
+                child.process_id = process_id
+                self._restarts(child.spec).booted()
+                if child.spec.kind == WORKER:
+                    self._worker_booted = True
+                log.info("%s booted", child.spec.name, extra=child.fields())
+            case Status(busy=busy, concurrency=concurrency, leader=leader, metrics=metrics):
+                if busy is not None:
+                    child.busy = busy
+                if concurrency is not None:
+                    child.concurrency = concurrency
+                if leader is not None:
+                    child.leader = leader
+                if metrics is not None:
+                    self.registry.merge(metrics, source=child.source)
 
     def _reap(self) -> None:
         while True:

@@ -28,8 +28,6 @@ import json
 import logging
 import os
 import re
-import select
-import signal
 import socket
 import threading
 import time
@@ -43,7 +41,8 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from jobqd.config.durations import parse_duration
-from jobqd.daemon.ipc import Sender
+from jobqd.daemon.ipc import Sender, Status
+from jobqd.daemon.lifecycle import STATUS_INTERVAL, ChildContext, ChildProcess, Stopping
 from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError
 from jobqd.observe.metrics import CONTENT_TYPE, Registry, define_jobqd_metrics
 from jobqd.store import admin, migrate
@@ -60,7 +59,6 @@ REQUEST_TIMEOUT = 10.0
 DB_TIMEOUT_MS = 5_000
 CONNECT_TIMEOUT = 3
 SESSIONS = 4
-STATUS_INTERVAL = 1.0
 _JOB_PATH = re.compile(r"/jobs/([^/]+)")
 _JOB_KEYS = frozenset(
     {
@@ -498,6 +496,62 @@ def make_server(settings: Any, app: App) -> ThreadingHTTPServer:
     return server_class((host, port), handler)
 
 
+class HttpChild(ChildProcess):
+    """The http child's life: serve on threads, follow the master's feed on the main thread
+    until it closes (the master is gone), a stop signal or a new parent."""
+
+    role = "http"
+    log = log
+
+    def __init__(
+        self,
+        settings: Any,
+        server: ThreadingHTTPServer,
+        feed: Feed,
+        *,
+        sender: Sender | None,
+        parent_pid: int | None,
+        on_title: Callable[[str], None] | None,
+    ) -> None:
+        super().__init__(sender=sender, parent_pid=parent_pid, on_title=on_title)
+        self.settings = settings
+        self.server = server
+        self.feed = feed
+
+    def run(self, feed_fd: int, token: str | None) -> int:
+        thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+        thread.start()
+        self.on_title(f"http {self.settings.http.listen}")
+        log.info(
+            "serving /metrics, /healthz, /readyz and the JSON API on %s%s",
+            self.settings.http.listen,
+            "" if token else f" (JSON API disabled: {self.settings.http.token_env} is not set)",
+        )
+        self.send_booted()
+        try:
+            self._follow(feed_fd)
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+        return EXIT_OK
+
+    def _follow(self, feed_fd: int) -> None:
+        next_status = 0.0
+        while self.stopping is Stopping.NO:
+            if self.wait(0.5, feed_fd):
+                chunk = os.read(feed_fd, 65536)
+                if not chunk:
+                    log.info("the master closed the feed: stopping")
+                    return
+                self.feed.take(chunk)
+            if self.master_gone():
+                return
+            now = time.monotonic()
+            if self.sender is not None and now >= next_status:
+                next_status = now + STATUS_INTERVAL
+                self.send(Status())
+
+
 def serve(
     settings: Any,
     dsn: str,
@@ -516,57 +570,24 @@ def serve(
     except OSError as exc:
         log.error("cannot listen on %s: %s", settings.http.listen, exc.strerror or exc)
         return EXIT_FAILURE
-    stopping = threading.Event()
-
-    def stop(signum: int, frame: object) -> None:
-        stopping.set()
-
-    for signum in (signal.SIGTERM, signal.SIGQUIT):
-        signal.signal(signum, stop)
-    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
-    thread.start()
-    if on_title:
-        on_title(f"http {settings.http.listen}")
-    log.info(
-        "serving /metrics, /healthz, /readyz and the JSON API on %s%s",
-        settings.http.listen,
-        "" if token else f" (JSON API disabled: {settings.http.token_env} is not set)",
+    child = HttpChild(
+        settings, server, feed, sender=sender, parent_pid=parent_pid, on_title=on_title
     )
-    if sender is not None:
-        sender.send("booted", process_id=None)
+    child.install_signals()
     try:
-        _follow(feed, feed_fd, stopping, sender, parent_pid)
+        return child.run(feed_fd, token)
     finally:
-        server.shutdown()
-        server.server_close()
         app.sessions.close()
-    return EXIT_OK
 
 
-def _follow(
-    feed: Feed,
-    feed_fd: int,
-    stopping: threading.Event,
-    sender: Sender | None,
-    parent_pid: int | None,
-) -> None:
-    """Read the master's feed until EOF, a stop signal or a new parent."""
-    next_status = 0.0
-    while not stopping.is_set():
-        readable, _, _ = select.select([feed_fd], [], [], 0.5)
-        if readable:
-            chunk = os.read(feed_fd, 65536)
-            if not chunk:
-                log.info("the master closed the feed: stopping")
-                return
-            feed.take(chunk)
-        if parent_pid is not None and os.getppid() != parent_pid:
-            log.warning("the master is gone: stopping")
-            return
-        now = time.monotonic()
-        if sender is not None and now >= next_status:
-            next_status = now + STATUS_INTERVAL
-            try:
-                sender.send("status")
-            except BrokenPipeError:
-                return
+def serve_child(child: ChildContext) -> int:
+    """The http role's entry for the master (jobqd.daemon.lifecycle.ROLES)."""
+    assert child.feed_fd is not None
+    return serve(
+        child.settings,
+        child.dsn,
+        feed_fd=child.feed_fd,
+        sender=child.sender,
+        parent_pid=child.parent_pid,
+        on_title=child.on_title,
+    )
