@@ -501,8 +501,9 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
     from jobqd.store import migrate as migrations
+    from jobqd.store.locks import lock_key
 
-    holder = admin.lock_holder(ctx.conn, ctx.schema, migrations.lock_key(ctx.schema, "migrate"))
+    holder = admin.lock_holder(ctx.conn, ctx.schema, lock_key(ctx.schema, "migrate"))
     if holder is not None:
         ctx.note(f"waiting for another migration to finish (database backend {holder})…")
     done = migrations.migrate(ctx.conn, ctx.schema, dry_run=args.dry_run)

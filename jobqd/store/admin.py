@@ -14,6 +14,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from jobqd.client import Client
+from jobqd.store.locks import pg_locks_parts
 from jobqd.store.sql import queries
 
 STATES = ("queued", "running", "succeeded", "dead", "cancelled")
@@ -162,7 +163,5 @@ def delete(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[in
 
 def lock_holder(conn: psycopg.Connection, schema: str, key: int) -> int | None:
     """The database backend pid holding advisory lock `key` (session level), or None."""
-    unsigned = key & 0xFFFFFFFFFFFFFFFF
-    parts = {"classid": unsigned >> 32, "objid": unsigned & 0xFFFFFFFF}
-    row = conn.execute(queries(schema).locks_holder, parts).fetchone()
+    row = conn.execute(queries(schema).locks_holder, pg_locks_parts(key)).fetchone()
     return None if row is None else int(row[0])

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import psycopg
+from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd.errors import DatabaseUnavailable
@@ -108,6 +109,14 @@ def connect(dsn: str, *, application_name: str, autocommit: bool = True, **kw: o
         return psycopg.connect(conninfo, autocommit=autocommit)
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(describe_failure(dsn, exc)) from exc
+
+
+def subscribe(conn: psycopg.Connection, channel: str) -> None:
+    """Subscribe `conn` to NOTIFYs on `channel`.
+
+    The one statement built by hand: LISTEN takes an identifier, which cannot be a bound
+    parameter, so the channel is quoted as one rather than named in the .sql files."""
+    conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel)))
 
 
 def describe_failure(dsn: str, exc: BaseException) -> str:

@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import sql as pgsql
 
 from jobqd.backoff import Backoff
 from jobqd.daemon.ipc import Sender
 from jobqd.observe.metrics import Registry as MetricsRegistry
 from jobqd.observe.metrics import define_jobqd_metrics
-from jobqd.store.connections import connect
+from jobqd.store.connections import connect, subscribe
 from jobqd.store.sql import int_array, queries
 from jobqd.tasks import Job, Registry
 from jobqd.worker.completer import send_acknowledge, written
@@ -209,7 +208,7 @@ class Worker:
         try:
             conn = connect(self.config.dsn, application_name=self._app_name() + " listen")
             channel = conn.execute(self.sql.queues_channel, {"queue": self.config.queue}).fetchone()
-            conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel[0])))
+            subscribe(conn, channel[0])
         except Exception as exc:
             log.warning("LISTEN unavailable, polling only: %s", exc, extra=self._fields())
             return
