@@ -1,6 +1,6 @@
 """`jobqctl`: look at the queues and act on them, from any host that reaches the database.
 
-Thin on purpose: parse the command line, call jobqd.store.admin / jobqd.client over one session,
+Thin on purpose: parse the command line, call jobqd.store (admin, jobs, queues) over one session,
 print a table (or `--json`, one document). Exit codes: 0 ok, 1 not found or nothing matched,
 2 usage, 3 database unreachable; each failure prints one line saying what to do next.
 """
@@ -33,7 +33,7 @@ from jobqd.errors import (
     JobqdError,
     PayloadError,
 )
-from jobqd.store import admin
+from jobqd.store import admin, jobs, queues
 from jobqd.store import connections as db
 
 SYSTEM_CONFIG = Path("/etc/jobqd.yaml")
@@ -395,7 +395,7 @@ def _by_ids(
 ) -> int:
     changed = act(ctx.conn, ctx.schema, ids)
     skipped = [i for i in ids if i not in set(changed)]
-    found = admin.states(ctx.conn, ctx.schema, skipped) if skipped else {}
+    found = jobs.states(ctx.conn, ctx.schema, skipped) if skipped else {}
     reasons = {i: (f"is {found[i]}" if i in found else "not found") for i in skipped}
     document = {verb: changed, "skipped": [{"id": i, "reason": r} for i, r in reasons.items()]}
 
@@ -421,7 +421,7 @@ def _bulk(
         _usage(f"{verb} needs job ids, or --queue Q --state {'|'.join(states)}")
     if args.state not in states:
         _usage(f"{verb} works on {' or '.join(states)} jobs, not {args.state}")
-    count = admin.count_in_state(ctx.conn, ctx.schema, args.queue, args.state)
+    count = jobs.count_in_state(ctx.conn, ctx.schema, args.queue, args.state)
     if count == 0:
         _not_found(f"no {args.state} jobs in queue {args.queue!r}: nothing to {verb}")
     ctx.confirm(
@@ -449,12 +449,11 @@ def cmd_cancel(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_delete(ctx: Context, args: argparse.Namespace) -> int:
-    return _by_ids(ctx, args.ids, "deleted", admin.delete, "running jobs: cancel them first")
+    return _by_ids(ctx, args.ids, "deleted", jobs.delete, "running jobs: cancel them first")
 
 
 def cmd_pause(ctx: Context, args: argparse.Namespace) -> int:
-
-    admin.statement_client(ctx.schema).pause(args.queue, conn=ctx.conn)
+    queues.pause(ctx.conn, ctx.schema, args.queue)
     ctx.emit(
         {"queue": args.queue, "paused": True},
         lambda: (
@@ -467,8 +466,7 @@ def cmd_pause(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_resume(ctx: Context, args: argparse.Namespace) -> int:
-
-    admin.statement_client(ctx.schema).resume(args.queue, conn=ctx.conn)
+    queues.resume(ctx.conn, ctx.schema, args.queue)
     ctx.emit(
         {"queue": args.queue, "paused": False},
         lambda: f"queue {args.queue!r} resumed: workers claim from it again",
@@ -477,9 +475,10 @@ def cmd_resume(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
-
     try:
-        job_id = admin.statement_client(ctx.schema).enqueue(
+        job_id = jobs.enqueue(
+            ctx.conn,
+            ctx.schema,
             args.task,
             args.args,
             queue=args.queue,
@@ -488,7 +487,6 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
             priority=args.priority,
             max_attempts=args.max_attempts,
             dedup_key=args.dedup_key,
-            conn=ctx.conn,
         )
     except (TypeError, PayloadError) as exc:
         _usage(str(exc))

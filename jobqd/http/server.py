@@ -47,6 +47,7 @@ from jobqd.daemon.ipc import Sender
 from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError
 from jobqd.observe.metrics import CONTENT_TYPE, Registry, define_jobqd_metrics
 from jobqd.store import admin, migrate
+from jobqd.store import jobs as job_rows
 from jobqd.store.connections import connect
 
 log = logging.getLogger("jobqd.http")
@@ -182,7 +183,6 @@ class App:
         self.feed = feed
         self.token = token
         self.sessions = Sessions(dsn)
-        self.client = admin.statement_client(self.schema)
         self._gauges = _Cached(GAUGE_TTL, self._count)
         self._database = _Cached(READY_TTL, self._check_database)
 
@@ -278,7 +278,7 @@ class App:
         for _ in range(2):  # once more after losing a race on the same idempotency key
             try:
                 with self.sessions.session() as conn:
-                    return {"id": self.client.enqueue(task, args, conn=conn, **kwargs)}
+                    return {"id": job_rows.enqueue(conn, self.schema, task, args, **kwargs)}
             except psycopg.errors.SerializationFailure:
                 continue
             except PayloadError as exc:
@@ -295,7 +295,7 @@ class App:
         except ValueError:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"job ids are numbers, got {text!r}") from None
         with self.sessions.session() as conn:
-            found = self.client.get(job_id, conn=conn)
+            found = job_rows.get(conn, self.schema, job_id)
         if found is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
         return dataclasses.asdict(found)
