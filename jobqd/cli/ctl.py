@@ -32,6 +32,7 @@ from jobqd.errors import (
     DatabaseUnavailable,
     JobqdError,
     PayloadError,
+    first_line,
 )
 from jobqd.store import admin, jobs, queues
 from jobqd.store import connections as db
@@ -683,29 +684,24 @@ def _failures(ctx_dsn: str) -> Iterator[None]:
     except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction) as exc:
         raise CtlError(
             EXIT_FAILURE,
-            f"the jobqd schema is missing or older than this jobqctl ({_first_line(exc)}): "
+            f"the jobqd schema is missing or older than this jobqctl ({first_line(exc)}): "
             "run `jobqctl migrate`",
         ) from None
     except psycopg.errors.InvalidSchemaName as exc:
         raise CtlError(
-            EXIT_FAILURE, f"{_first_line(exc)}: run `jobqctl migrate` to create it"
+            EXIT_FAILURE, f"{first_line(exc)}: run `jobqctl migrate` to create it"
         ) from None
     except psycopg.OperationalError as exc:
         raise CtlError(EXIT_UNREACHABLE, db.describe_failure(ctx_dsn, exc)) from None
     except psycopg.errors.InsufficientPrivilege as exc:
         raise CtlError(
             EXIT_FAILURE,
-            f"{_first_line(exc)}: connect as the jobqd daemon role or the schema owner",
+            f"{first_line(exc)}: connect as the jobqd daemon role or the schema owner",
         ) from None
     except psycopg.Error as exc:
-        raise CtlError(EXIT_FAILURE, f"the database refused: {_first_line(exc)}") from None
+        raise CtlError(EXIT_FAILURE, f"the database refused: {first_line(exc)}") from None
     except JobqdError as exc:
         raise CtlError(EXIT_FAILURE, str(exc)) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,7 +44,7 @@ from psycopg.conninfo import make_conninfo
 
 from jobqd.config.durations import parse_duration
 from jobqd.daemon.ipc import Sender
-from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError
+from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError, first_line
 from jobqd.observe.metrics import CONTENT_TYPE, Registry, define_jobqd_metrics
 from jobqd.store import admin, migrate
 from jobqd.store import jobs as job_rows
@@ -193,7 +193,7 @@ class App:
             with self.sessions.session() as conn:
                 return admin.queue_depth(conn, self.schema)
         except (psycopg.Error, DatabaseUnavailable) as exc:
-            log.warning("cannot count jobs for /metrics: %s", _first_line(exc))
+            log.warning("cannot count jobs for /metrics: %s", first_line(exc))
             return None
 
     def metrics(self) -> str:
@@ -234,9 +234,9 @@ class App:
             with self.sessions.session() as conn:
                 todo = migrate.pending(conn, self.schema)
         except (psycopg.Error, DatabaseUnavailable) as exc:
-            return f"unreachable: {_first_line(exc)}", "unknown (database unreachable)"
+            return f"unreachable: {first_line(exc)}", "unknown (database unreachable)"
         except migrate.MigrationError as exc:
-            return None, _first_line(exc)
+            return None, first_line(exc)
         if todo:
             names = ", ".join(f"{m.version:04d}_{m.name}" for m in todo)
             return None, f"pending: {names} (run `jobqctl migrate`)"
@@ -286,7 +286,7 @@ class App:
             except (TypeError, ValueError) as exc:
                 raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                raise ApiError(HTTPStatus.BAD_REQUEST, _first_line(exc)) from None
+                raise ApiError(HTTPStatus.BAD_REQUEST, first_line(exc)) from None
         raise ApiError(HTTPStatus.CONFLICT, "concurrent enqueue with this idempotency key; retry")
 
     def job(self, text: str) -> dict[str, Any]:
@@ -374,11 +374,6 @@ def _run_at(value: Any) -> datetime:
     return moment
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -438,10 +433,10 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             self._json(exc.status, {"error": str(exc)})
         except (DatabaseUnavailable, psycopg.OperationalError) as exc:
-            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"database: {_first_line(exc)}"})
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"database: {first_line(exc)}"})
         except psycopg.Error as exc:
-            log.warning("http %s %s failed: %s", method, path, _first_line(exc))
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": _first_line(exc)})
+            log.warning("http %s %s failed: %s", method, path, first_line(exc))
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": first_line(exc)})
 
     def _allow(self, method: str, allowed: str) -> None:
         if method != allowed:

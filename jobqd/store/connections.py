@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from jobqd.errors import DatabaseUnavailable
+from jobqd.errors import DatabaseUnavailable, first_line
 
 EMBEDDED = "embedded"
 
@@ -125,8 +125,7 @@ def describe_failure(dsn: str, exc: BaseException) -> str:
     if params.get("port"):
         where += f":{params['port']}"
     db = params.get("dbname", "")
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (
-        f"cannot connect to PostgreSQL at {where}/{db}: {first_line} "
+        f"cannot connect to PostgreSQL at {where}/{db}: {first_line(exc)} "
         "(check that the server is running and database.url / --dsn / JOBQD_DATABASE_URL)"
     )
