@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -46,30 +46,32 @@ _TIMEOUT_CHECK_INTERVAL = 0.1
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Everything a worker needs, already resolved (no config file access after fork)."""
+    """Everything a worker needs, already resolved (no config file access after fork).
+
+    Built by from_settings: the defaults are the config's (jobqd.config.settings), not
+    repeated here."""
 
     dsn: str
     schema: str
     queue: str
-    concurrency: int = 8
-    lease: float = 30.0
-    heartbeat: float | None = None
-    poll_interval: float = 1.0
-    max_attempts: int = 20
-    backoff: Backoff = Backoff()
-    timeout: float | None = None
-    grace: float = 10.0
-    delivery: str = "at_least_once"
-    max_jobs_per_process: int | None = None
-    max_memory: int | None = None
-    completion_batch: int = 100
-    completion_interval: float = 0.005
-    events: bool | None = None
+    concurrency: int
+    lease: float
+    heartbeat: float | None
+    poll_interval: float
+    max_attempts: int
+    backoff: Backoff
+    timeout: float | None
+    grace: float
+    delivery: str
+    max_jobs_per_process: int | None
+    max_memory: int | None
+    completion_batch: int
+    completion_interval: float
+    events: bool | None
+    shutdown_timeout: float
+    statement_timeout: float
     orphans: tuple[int, ...] = ()  # process ids of this queue's workers the master saw die
-    shutdown_timeout: float = 30.0
-    statement_timeout: float = 30.0
     slot: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -233,7 +235,7 @@ class Worker:
     # -- life -----------------------------------------------------------------------------
 
     def register(self) -> None:
-        meta = {**self.config.metadata, "slot": self.config.slot}
+        meta: dict[str, Any] = {"slot": self.config.slot}
         meta["concurrency"] = self.config.concurrency
         row = (
             self._db()
@@ -533,9 +535,7 @@ class Worker:
     def _heartbeat(self) -> None:
         with self._lock:
             held = [*self._running.values(), *(o.job for o in self._done)]
-        meta = json.dumps(
-            {"slot": self.config.slot, "busy": len(self._running), **self.config.metadata}
-        )
+        meta = json.dumps({"slot": self.config.slot, "busy": len(self._running)})
         db = self._db()
         if not held:
             alive = db.execute(
