@@ -64,8 +64,8 @@ def test_every_statement_name_used_exists():
     assert missing == {}, f"used in jobqd/ but not named in jobqd/store/sql: {missing}"
 
 
-def test_statement_names_start_with_their_file_subject():
-    """`-- name: subject_verb`, the subject being the file's (leader.sql also holds locks_)."""
+def test_statement_names_start_with_a_subject():
+    """`-- name: subject_verb`, the subject a .sql file's name (or one of two kept as named)."""
     subjects = {path.stem for path in (PACKAGE / "store" / "sql").glob("*.sql")}
     subjects |= {"locks", "tasks"}  # pg_locks look-ups in leader.sql, task rows in queues.sql
     odd = sorted(name for name in _raw() if name.split("_", 1)[0] not in subjects)
