@@ -7,12 +7,14 @@ process so that the harness's asyncio READY/GO protocol keeps working.
 """
 
 import asyncio
+import dataclasses
 import signal
 import time
 
 import psycopg
 
 from jobqd import Client, task
+from jobqd.config.settings import Settings
 from jobqd.store.migrate import migrate
 from jobqd.tasks import registry
 from jobqd.worker.process import Worker, WorkerConfig
@@ -73,10 +75,8 @@ class Adapter(BaseAdapter):
         def lat(job):
             print(f"LAT {job.args['seq']} {time.time()}", flush=True)
 
-        config = WorkerConfig(
-            dsn=self.dsn,
-            schema="jobqd",
-            queue="default",
+        config = dataclasses.replace(
+            WorkerConfig.from_settings(self.dsn, Settings.default(), "default"),
             concurrency=concurrency,
             completion_batch=extra.get("completion_batch", 100),
             completion_interval=extra.get("completion_interval", 0.005),

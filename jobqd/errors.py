@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's message cut to its first line, for one-line logs and answers; the
+    exception's type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class JobqdError(Exception):
     """Base of every error jobqd raises on purpose."""
 

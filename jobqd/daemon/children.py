@@ -130,7 +130,6 @@ class Child:
     pid: int
     fd: int  # read end of the child's message pipe
     feed: Feed | None = None  # http child only
-    started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     receiver: Receiver = field(init=False)
     listening: bool = True  # its pipe is registered in the master's selector

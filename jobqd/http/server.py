@@ -43,9 +43,10 @@ from psycopg.conninfo import make_conninfo
 from jobqd.config.durations import parse_duration
 from jobqd.daemon.ipc import Sender, Status
 from jobqd.daemon.lifecycle import STATUS_INTERVAL, ChildContext, ChildProcess, Stopping
-from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError
+from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError, first_line
 from jobqd.observe.metrics import CONTENT_TYPE, Registry, define_jobqd_metrics
 from jobqd.store import admin, migrate
+from jobqd.store import jobs as job_rows
 from jobqd.store.connections import connect
 
 log = logging.getLogger("jobqd.http")
@@ -180,7 +181,6 @@ class App:
         self.feed = feed
         self.token = token
         self.sessions = Sessions(dsn)
-        self.client = admin.statement_client(self.schema)
         self._gauges = _Cached(GAUGE_TTL, self._count)
         self._database = _Cached(READY_TTL, self._check_database)
 
@@ -191,7 +191,7 @@ class App:
             with self.sessions.session() as conn:
                 return admin.queue_depth(conn, self.schema)
         except (psycopg.Error, DatabaseUnavailable) as exc:
-            log.warning("cannot count jobs for /metrics: %s", _first_line(exc))
+            log.warning("cannot count jobs for /metrics: %s", first_line(exc))
             return None
 
     def metrics(self) -> str:
@@ -232,9 +232,9 @@ class App:
             with self.sessions.session() as conn:
                 todo = migrate.pending(conn, self.schema)
         except (psycopg.Error, DatabaseUnavailable) as exc:
-            return f"unreachable: {_first_line(exc)}", "unknown (database unreachable)"
+            return f"unreachable: {first_line(exc)}", "unknown (database unreachable)"
         except migrate.MigrationError as exc:
-            return None, _first_line(exc)
+            return None, first_line(exc)
         if todo:
             names = ", ".join(f"{m.version:04d}_{m.name}" for m in todo)
             return None, f"pending: {names} (run `jobqctl migrate`)"
@@ -276,7 +276,7 @@ class App:
         for _ in range(2):  # once more after losing a race on the same idempotency key
             try:
                 with self.sessions.session() as conn:
-                    return {"id": self.client.enqueue(task, args, conn=conn, **kwargs)}
+                    return {"id": job_rows.enqueue(conn, self.schema, task, args, **kwargs)}
             except psycopg.errors.SerializationFailure:
                 continue
             except PayloadError as exc:
@@ -284,7 +284,7 @@ class App:
             except (TypeError, ValueError) as exc:
                 raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                raise ApiError(HTTPStatus.BAD_REQUEST, _first_line(exc)) from None
+                raise ApiError(HTTPStatus.BAD_REQUEST, first_line(exc)) from None
         raise ApiError(HTTPStatus.CONFLICT, "concurrent enqueue with this idempotency key; retry")
 
     def job(self, text: str) -> dict[str, Any]:
@@ -293,7 +293,7 @@ class App:
         except ValueError:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"job ids are numbers, got {text!r}") from None
         with self.sessions.session() as conn:
-            found = self.client.get(job_id, conn=conn)
+            found = job_rows.get(conn, self.schema, job_id)
         if found is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
         return dataclasses.asdict(found)
@@ -372,11 +372,6 @@ def _run_at(value: Any) -> datetime:
     return moment
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -436,10 +431,10 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             self._json(exc.status, {"error": str(exc)})
         except (DatabaseUnavailable, psycopg.OperationalError) as exc:
-            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"database: {_first_line(exc)}"})
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"database: {first_line(exc)}"})
         except psycopg.Error as exc:
-            log.warning("http %s %s failed: %s", method, path, _first_line(exc))
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": _first_line(exc)})
+            log.warning("http %s %s failed: %s", method, path, first_line(exc))
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": first_line(exc)})
 
     def _allow(self, method: str, allowed: str) -> None:
         if method != allowed:

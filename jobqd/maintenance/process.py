@@ -32,7 +32,7 @@ from jobqd.daemon.lifecycle import (
     ProcessRow,
     Stopping,
 )
-from jobqd.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, DatabaseUnavailable
+from jobqd.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, DatabaseUnavailable, first_line
 from jobqd.maintenance import aging, cron, pruner, reaper
 from jobqd.maintenance.leader import LeaderSession, LeadershipLost, PoolerDetected, ensure_direct
 from jobqd.observe.metrics import Registry, define_jobqd_metrics
@@ -187,7 +187,7 @@ class Maintenance(ChildProcess):
 
     def _lost(self, exc: BaseException) -> None:
         """A database error: as leader, step down; as standby, reconnect at the next try."""
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         if isinstance(exc, psycopg.OperationalError):
             message = f"database session lost: {message}"
         if self.leader:

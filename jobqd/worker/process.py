@@ -18,11 +18,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import sql as pgsql
 
 from jobqd.backoff import Backoff
 from jobqd.daemon.ipc import Sender, Status
@@ -36,7 +35,7 @@ from jobqd.daemon.lifecycle import (
 from jobqd.errors import EXIT_RECYCLE
 from jobqd.observe.metrics import Registry as MetricsRegistry
 from jobqd.observe.metrics import define_jobqd_metrics
-from jobqd.store.connections import connect
+from jobqd.store.connections import connect, subscribe
 from jobqd.store.sql import int_array, queries
 from jobqd.tasks import Job, Registry
 from jobqd.worker.completer import Completer
@@ -51,30 +50,32 @@ _TIMEOUT_CHECK_INTERVAL = 0.1
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Everything a worker needs, already resolved (no config file access after fork)."""
+    """Everything a worker needs, already resolved (no config file access after fork).
+
+    Built by from_settings: the defaults are the config's (jobqd.config.settings), not
+    repeated here."""
 
     dsn: str
     schema: str
     queue: str
-    concurrency: int = 8
-    lease: float = 30.0
-    heartbeat: float | None = None
-    poll_interval: float = 1.0
-    max_attempts: int = 20
-    backoff: Backoff = Backoff()
-    timeout: float | None = None
-    grace: float = 10.0
-    delivery: str = "at_least_once"
-    max_jobs_per_process: int | None = None
-    max_memory: int | None = None
-    completion_batch: int = 100
-    completion_interval: float = 0.005
-    events: bool | None = None
+    concurrency: int
+    lease: float
+    heartbeat: float | None
+    poll_interval: float
+    max_attempts: int
+    backoff: Backoff
+    timeout: float | None
+    grace: float
+    delivery: str
+    max_jobs_per_process: int | None
+    max_memory: int | None
+    completion_batch: int
+    completion_interval: float
+    events: bool | None
+    shutdown_timeout: float
+    statement_timeout: float
     orphans: tuple[int, ...] = ()  # process ids of this queue's workers the master saw die
-    shutdown_timeout: float = 30.0
-    statement_timeout: float = 30.0
     slot: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -197,7 +198,7 @@ class Worker(ChildProcess):
         try:
             conn = connect(self.config.dsn, application_name=self._app_name() + " listen")
             channel = conn.execute(self.sql.queues_channel, {"queue": self.config.queue}).fetchone()
-            conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel[0])))
+            subscribe(conn, channel[0])
         except Exception as exc:
             log.warning("LISTEN unavailable, polling only: %s", exc, extra=self.fields())
             return
@@ -221,7 +222,6 @@ class Worker(ChildProcess):
 
     def metadata(self) -> dict[str, Any]:
         return {
-            **self.config.metadata,
             "slot": self.config.slot,
             "busy": self.inflight.busy,
             "concurrency": self.config.concurrency,

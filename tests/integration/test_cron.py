@@ -190,3 +190,37 @@ def test_cron_status_shows_last_and_next_ticks(conn, t0):
     assert status["skip"]["last_tick"] is None
     assert status["off"]["enabled"] is False and status["off"]["next_tick"] is None
     assert fired["schedule"] == "* * * * *" and fired["timezone"] == "UTC"
+
+
+class _FailingEnqueue:
+    """The leader session, except that enqueueing a tick fails with an empty message.
+
+    Postgres attaches a CONTEXT line to every error raised in PL/pgSQL, so a server error
+    never reaches psycopg without text; errors psycopg raises itself can. Everything else the
+    pass does runs on the real session."""
+
+    def __init__(self, conn: psycopg.Connection, statement: str) -> None:
+        self._conn = conn
+        self._statement = statement
+
+    def execute(self, query, params=None):
+        if query == self._statement:
+            raise psycopg.errors.RaiseException()
+        return self._conn.execute(query, params)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def test_an_entry_failing_with_an_empty_message_is_reported_not_a_crash(conn, t0):
+    from jobqd.store.sql import queries
+
+    config = settings(MINUTELY)
+    set_last_tick(conn, ["once"], t0)
+    failing = _FailingEnqueue(conn, queries("jobqd").cron_enqueue_tick)
+    result = run_once(failing, config, now=t0 + timedelta(minutes=2, seconds=1))
+    assert result.failed == {"once": "RaiseException"}
+    assert jobs(conn, "t.once") == []
+    # The failed firing left nothing behind: the next pass fires what was due.
+    again = run_once(conn, config, now=t0 + timedelta(minutes=2, seconds=1))
+    assert again.failed == {} and len(again.fired["once"]) == len(jobs(conn, "t.once")) > 0
