@@ -7,12 +7,14 @@ process so that the harness's asyncio READY/GO protocol keeps working.
 """
 
 import asyncio
+import dataclasses
 import signal
 import time
 
 import psycopg
 
 from jobqd import Client, task
+from jobqd.config.settings import Settings
 from jobqd.store.migrate import migrate
 from jobqd.tasks import registry
 from jobqd.worker.process import Worker, WorkerConfig
@@ -25,11 +27,8 @@ class UnbatchedWorker(Worker):
     worker, but every outcome is written in a transaction of its own before the next claim."""
 
     def _exchange(self, claim):
-        with self._lock:
-            batch, self._done = self._done, []
-        for outcome in batch:
-            with self._lock:
-                self._done.append(outcome)
+        for outcome in self.inflight.take():
+            self.inflight.put_back([outcome])
             super()._exchange(False)
         super()._exchange(claim)
 
@@ -76,10 +75,8 @@ class Adapter(BaseAdapter):
         def lat(job):
             print(f"LAT {job.args['seq']} {time.time()}", flush=True)
 
-        config = WorkerConfig(
-            dsn=self.dsn,
-            schema="jobqd",
-            queue="default",
+        config = dataclasses.replace(
+            WorkerConfig.from_settings(self.dsn, Settings.default(), "default"),
             concurrency=concurrency,
             completion_batch=extra.get("completion_batch", 100),
             completion_interval=extra.get("completion_interval", 0.005),
@@ -90,7 +87,7 @@ class Adapter(BaseAdapter):
         async def run():
             loop = asyncio.get_running_loop()
             for s in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(s, worker.stop, "drain")
+                loop.add_signal_handler(s, worker.stop)
             await asyncio.to_thread(worker.run)
 
         return run

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's message cut to its first line, for one-line logs and answers; the
+    exception's type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class JobqdError(Exception):
     """Base of every error jobqd raises on purpose."""
 
@@ -26,3 +33,6 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_CONFIG = 78
 EXIT_BOOT_FAILED = 4
+EXIT_RECYCLE = 10
+"""A worker child's planned exit (hard timeout, max_jobs_per_process, max_memory): the master
+replaces it at once, without restart backoff."""

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import sql as pgsql
 
 from jobqd.errors import DatabaseUnavailable
-from jobqd.store.connections import connect
+from jobqd.store.connections import connect, subscribe
 from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.events")
@@ -157,7 +156,7 @@ class Listener:
 
     def _open(self) -> psycopg.Connection:
         conn = connect(self.dsn, application_name="jobqd events", statement_timeout_ms=10_000)
-        conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel(self.schema))))
+        subscribe(conn, channel(self.schema))
         on = set(enabled_queues(conn, self.schema))
         off = sorted(self.queues - on) if self.queues is not None else []
         if off or not on:

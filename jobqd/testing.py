@@ -15,8 +15,6 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
-import os
-import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import psycopg
 
 from jobqd import payload
+from jobqd.daemon.lifecycle import ProcessRow
 from jobqd.store.connections import session_conninfo
 from jobqd.store.sql import queries
 from jobqd.tasks import Job, Registry
@@ -163,16 +162,8 @@ def drain(
     counts: dict[str, int] = {}
     conninfo = session_conninfo(dsn, application_name="jobqd testing drain")
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        process_id = conn.execute(
-            sql.processes_register,
-            {
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "role": "inline",
-                "queue": queue,
-                "metadata": "{}",
-            },
-        ).fetchone()[0]
+        registration = ProcessRow(sql, "inline", queue)
+        process_id = registration.register(conn, {})
         try:
             while True:
                 rows = conn.execute(
@@ -192,7 +183,7 @@ def drain(
                 for o in outcomes:
                     counts[o.state] = counts.get(o.state, 0) + 1
         finally:
-            conn.execute(sql.processes_deregister, {"process_id": process_id})
+            registration.deregister(conn)
 
 
 def _ignored(job: Job) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import threading
@@ -139,13 +140,20 @@ def spawn_worker(config: Any, dsn: str) -> multiprocessing.Process:
     return proc
 
 
+def worker_config(dsn: str, **settings: Any) -> Any:
+    """A worker's config as an empty config file makes it (queue `default`), with `settings`
+    (WorkerConfig fields) replacing what they name."""
+    from jobqd.config.settings import Settings
+    from jobqd.worker.process import WorkerConfig
+
+    config = WorkerConfig.from_settings(dsn, Settings.default(), "default")
+    return dataclasses.replace(config, **settings)
+
+
 def start_worker(procs: list[Any], dsn: str, **settings: Any) -> multiprocessing.Process:
     """Spawn a worker (queue `default` unless `settings` say otherwise) and add it to `procs`,
     which the calling test's fixture tears down."""
-    from jobqd.worker.process import WorkerConfig
-
-    config = WorkerConfig(dsn=dsn, schema="jobqd", **{"queue": "default", **settings})
-    proc = spawn_worker(config, dsn)
+    proc = spawn_worker(worker_config(dsn, **settings), dsn)
     procs.append(proc)
     return proc
 

@@ -1,6 +1,6 @@
 """`jobqctl`: look at the queues and act on them, from any host that reaches the database.
 
-Thin on purpose: parse the command line, call jobqd.store.admin / jobqd.client over one session,
+Thin on purpose: parse the command line, call jobqd.store (admin, jobs, queues) over one session,
 print a table (or `--json`, one document). Exit codes: 0 ok, 1 not found or nothing matched,
 2 usage, 3 database unreachable; each failure prints one line saying what to do next.
 """
@@ -32,8 +32,9 @@ from jobqd.errors import (
     DatabaseUnavailable,
     JobqdError,
     PayloadError,
+    first_line,
 )
-from jobqd.store import admin
+from jobqd.store import admin, jobs, queues
 from jobqd.store import connections as db
 
 SYSTEM_CONFIG = Path("/etc/jobqd.yaml")
@@ -395,7 +396,7 @@ def _by_ids(
 ) -> int:
     changed = act(ctx.conn, ctx.schema, ids)
     skipped = [i for i in ids if i not in set(changed)]
-    found = admin.states(ctx.conn, ctx.schema, skipped) if skipped else {}
+    found = jobs.states(ctx.conn, ctx.schema, skipped) if skipped else {}
     reasons = {i: (f"is {found[i]}" if i in found else "not found") for i in skipped}
     document = {verb: changed, "skipped": [{"id": i, "reason": r} for i, r in reasons.items()]}
 
@@ -421,7 +422,7 @@ def _bulk(
         _usage(f"{verb} needs job ids, or --queue Q --state {'|'.join(states)}")
     if args.state not in states:
         _usage(f"{verb} works on {' or '.join(states)} jobs, not {args.state}")
-    count = admin.count_in_state(ctx.conn, ctx.schema, args.queue, args.state)
+    count = jobs.count_in_state(ctx.conn, ctx.schema, args.queue, args.state)
     if count == 0:
         _not_found(f"no {args.state} jobs in queue {args.queue!r}: nothing to {verb}")
     ctx.confirm(
@@ -449,12 +450,11 @@ def cmd_cancel(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_delete(ctx: Context, args: argparse.Namespace) -> int:
-    return _by_ids(ctx, args.ids, "deleted", admin.delete, "running jobs: cancel them first")
+    return _by_ids(ctx, args.ids, "deleted", jobs.delete, "running jobs: cancel them first")
 
 
 def cmd_pause(ctx: Context, args: argparse.Namespace) -> int:
-
-    admin.statement_client(ctx.schema).pause(args.queue, conn=ctx.conn)
+    queues.pause(ctx.conn, ctx.schema, args.queue)
     ctx.emit(
         {"queue": args.queue, "paused": True},
         lambda: (
@@ -467,8 +467,7 @@ def cmd_pause(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_resume(ctx: Context, args: argparse.Namespace) -> int:
-
-    admin.statement_client(ctx.schema).resume(args.queue, conn=ctx.conn)
+    queues.resume(ctx.conn, ctx.schema, args.queue)
     ctx.emit(
         {"queue": args.queue, "paused": False},
         lambda: f"queue {args.queue!r} resumed: workers claim from it again",
@@ -477,9 +476,10 @@ def cmd_resume(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
-
     try:
-        job_id = admin.statement_client(ctx.schema).enqueue(
+        job_id = jobs.enqueue(
+            ctx.conn,
+            ctx.schema,
             args.task,
             args.args,
             queue=args.queue,
@@ -488,7 +488,6 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
             priority=args.priority,
             max_attempts=args.max_attempts,
             dedup_key=args.dedup_key,
-            conn=ctx.conn,
         )
     except (TypeError, PayloadError) as exc:
         _usage(str(exc))
@@ -501,8 +500,9 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
     from jobqd.store import migrate as migrations
+    from jobqd.store.locks import lock_key
 
-    holder = admin.lock_holder(ctx.conn, ctx.schema, migrations.lock_key(ctx.schema, "migrate"))
+    holder = admin.lock_holder(ctx.conn, ctx.schema, lock_key(ctx.schema, "migrate"))
     if holder is not None:
         ctx.note(f"waiting for another migration to finish (database backend {holder})…")
     done = migrations.migrate(ctx.conn, ctx.schema, dry_run=args.dry_run)
@@ -684,29 +684,24 @@ def _failures(ctx_dsn: str) -> Iterator[None]:
     except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction) as exc:
         raise CtlError(
             EXIT_FAILURE,
-            f"the jobqd schema is missing or older than this jobqctl ({_first_line(exc)}): "
+            f"the jobqd schema is missing or older than this jobqctl ({first_line(exc)}): "
             "run `jobqctl migrate`",
         ) from None
     except psycopg.errors.InvalidSchemaName as exc:
         raise CtlError(
-            EXIT_FAILURE, f"{_first_line(exc)}: run `jobqctl migrate` to create it"
+            EXIT_FAILURE, f"{first_line(exc)}: run `jobqctl migrate` to create it"
         ) from None
     except psycopg.OperationalError as exc:
         raise CtlError(EXIT_UNREACHABLE, db.describe_failure(ctx_dsn, exc)) from None
     except psycopg.errors.InsufficientPrivilege as exc:
         raise CtlError(
             EXIT_FAILURE,
-            f"{_first_line(exc)}: connect as the jobqd daemon role or the schema owner",
+            f"{first_line(exc)}: connect as the jobqd daemon role or the schema owner",
         ) from None
     except psycopg.Error as exc:
-        raise CtlError(EXIT_FAILURE, f"the database refused: {_first_line(exc)}") from None
+        raise CtlError(EXIT_FAILURE, f"the database refused: {first_line(exc)}") from None
     except JobqdError as exc:
         raise CtlError(EXIT_FAILURE, str(exc)) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

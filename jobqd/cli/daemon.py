@@ -127,8 +127,9 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
     for spec in tasks.registry.specs():
         if spec.queue not in settings.queues:
             warnings.append(
-                f'task "{spec.name}" defaults to queue "{spec.queue}", which is not configured '
-                "here: its jobs wait for a node that serves that queue"
+                f'task "{spec.name}" is declared with queue "{spec.queue}", which is not '
+                "configured here; @task(queue=) does not route jobs yet: a job goes to the "
+                "queue its enqueue names"
             )
     return [message for _, message in sorted(problems, key=lambda p: p[0])], warnings
 

@@ -33,6 +33,9 @@ STABLE_AFTER = 10.0
 RESTART_BACKOFF = Backoff(kind="exponential", base=0.5, cap=30.0, jitter=0.1)
 """Delay before restarting a child that exited on its own: 0.5 s, 1 s, 2 s ... 30 s."""
 
+Ident = tuple[str, str | None, int]
+"""A spec's identity across restarts and reloads: kind, queue, slot."""
+
 
 @dataclass(frozen=True, slots=True)
 class ChildSpec:
@@ -45,7 +48,7 @@ class ChildSpec:
     key: Any = None
 
     @property
-    def ident(self) -> tuple[str, str | None, int]:
+    def ident(self) -> Ident:
         return (self.kind, self.queue, self.slot)
 
     @property
@@ -127,7 +130,6 @@ class Child:
     pid: int
     fd: int  # read end of the child's message pipe
     feed: Feed | None = None  # http child only
-    started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     receiver: Receiver = field(init=False)
     listening: bool = True  # its pipe is registered in the master's selector

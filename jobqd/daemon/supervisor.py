@@ -14,7 +14,7 @@ Signals: TERM/INT drain (children get TERM, then QUIT after `shutdown_timeout`, 
 settings changed.
 
 Child -> master messages (jobqd.daemon.ipc, one JSON object per line):
-  `booted {process_id?, queue?}` once the child is ready for work;
+  `booted {role, process_id?, queue?}` once the child is ready for work;
   `status {busy?, concurrency?, leader?, metrics?}` periodically; `metrics` is a
   `Registry.snapshot_delta()` merged into the master's totals, `leader` (maintenance) is a bool.
 
@@ -31,7 +31,6 @@ Master -> http child messages, on the pipe whose read end is the http child's `f
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import logging
 import math
@@ -42,27 +41,32 @@ import time
 from typing import Any
 
 from jobqd import config
-from jobqd.backoff import Backoff
+from jobqd.daemon import report
 from jobqd.daemon.children import (
     HTTP,
-    MAINTENANCE,
     WORKER,
     Child,
     ChildSpec,
     Feed,
+    Ident,
     Restarts,
     specs_for,
 )
-from jobqd.daemon.ipc import Sender
-from jobqd.daemon.lifecycle import MASTER_SIGNALS, become_child, run_and_exit
-from jobqd.errors import EXIT_BOOT_FAILED, EXIT_FAILURE, EXIT_OK, DatabaseUnavailable
+from jobqd.daemon.ipc import Booted, Message, Sender, Status, decode
+from jobqd.daemon.lifecycle import (
+    MASTER_SIGNALS,
+    ChildContext,
+    become_child,
+    role_entry,
+    run_and_exit,
+)
+from jobqd.daemon.prepare import prepare_database
+from jobqd.daemon.reload import plan_reload
+from jobqd.errors import EXIT_BOOT_FAILED, EXIT_FAILURE, EXIT_OK, EXIT_RECYCLE
 from jobqd.observe import sdnotify
 from jobqd.observe.logs import setup_logging
 from jobqd.observe.metrics import Registry, define_jobqd_metrics
 from jobqd.observe.proctitle import set_title
-from jobqd.store import connections as db
-from jobqd.store import migrate as migrations
-from jobqd.worker.process import EXIT_RECYCLE
 
 log = logging.getLogger("jobqd.master")
 
@@ -74,7 +78,6 @@ READY_TIMEOUT = 30.0
 """READY=1 is sent at the latest this long after the children were started."""
 FEED_INTERVAL = 1.0
 MAX_WAIT = 5.0
-DATABASE_WAIT = Backoff(kind="exponential", base=1.0, cap=10.0, jitter=0.1)
 _FEED_PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -106,7 +109,7 @@ class Supervisor:
         self.dsn = ""
         self.specs: list[ChildSpec] = specs_for(settings)
         self.children: dict[int, Child] = {}
-        self.restarts: dict[tuple[str, str | None, int], Restarts] = {}
+        self.restarts: dict[Ident, Restarts] = {}
         self.registry = Registry()
         self.metrics = define_jobqd_metrics(self.registry)
         self.selector = selectors.DefaultSelector()
@@ -192,47 +195,12 @@ class Supervisor:
             return EXIT_FAILURE
 
     def _prepare_database(self) -> bool:
-        """Resolve the database and apply migrations; False if told to stop meanwhile. The
-        connection used is closed before this returns: no connection crosses a fork."""
-        database = self.settings.database
-        if database.is_embedded:
-            fresh = not os.path.exists(os.path.join(database.data_dir, "PG_VERSION"))
-            log.info(
-                "starting the embedded PostgreSQL in %s%s",
-                database.data_dir,
-                " (first start: creating it takes a few seconds)" if fresh else "",
-            )
-            sdnotify.notify("STATUS=starting the embedded PostgreSQL")
-        self.dsn = db.resolve_url(database.url, database.data_dir)
-        if not self.migrate:
-            log.info("not applying migrations (--no-migrate or database.migrate: false)")
-            return True
-        attempt = 0
-        while True:
-            try:
-                conn = db.connect(
-                    self.dsn, application_name="jobqd master migrate", statement_timeout_ms=None
-                )
-            except DatabaseUnavailable as exc:
-                attempt += 1
-                delay = DATABASE_WAIT.delay(attempt)
-                log.warning("waiting for the database: %s; retrying in %.0fs", exc, delay)
-                sdnotify.notify("STATUS=waiting for the database")
-                if self._sleep(delay):
-                    return False
-                continue
-            with conn:
-                todo = migrations.pending(conn, database.schema)
-                if todo:
-                    names = ", ".join(f"{m.version:04d}_{m.name}" for m in todo)
-                    log.info("migrating schema %s: %s", database.schema, names)
-                    sdnotify.notify("STATUS=migrating")
-                    with sdnotify.long_start_step("migrating (or waiting for another node's)"):
-                        migrations.migrate(conn, database.schema)
-                    log.info("migrations applied")
-                else:
-                    log.info("schema %s is up to date", database.schema)
-            return True
+        """Resolve the database and apply migrations; False if told to stop meanwhile."""
+        dsn = prepare_database(self.settings.database, migrate=self.migrate, sleep=self._sleep)
+        if dsn is None:
+            return False
+        self.dsn = dsn
+        return True
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -368,75 +336,50 @@ class Supervisor:
             log_level=self.settings.log.level,
         )
         self.registry.reset()
-        sender = Sender(write_fd)
-        settings = self.settings
-        if spec.kind == WORKER:
-            from jobqd.worker.process import WorkerConfig
-            from jobqd.worker.process import serve as serve_worker
-
-            assert spec.queue is not None
-            worker_config = WorkerConfig.from_settings(
-                self.dsn, settings, spec.queue, spec.slot, orphans
-            )
-            return serve_worker(
-                worker_config,
-                imports=settings.imports,
-                commands=settings.tasks,
-                sender=sender,
-                parent_pid=self.pid,
-                on_title=set_title,
-            )
-        if spec.kind == MAINTENANCE:
-            from jobqd.maintenance import process as maintenance
-
-            return maintenance.serve(
-                settings, self.dsn, sender=sender, parent_pid=self.pid, on_title=set_title
-            )
-        from jobqd.http import server as http
-
-        assert feed_fd is not None
-        return http.serve(
-            settings,
-            self.dsn,
-            feed_fd=feed_fd,
-            sender=sender,
+        context = ChildContext(
+            settings=self.settings,
+            dsn=self.dsn,
+            sender=Sender(write_fd),
             parent_pid=self.pid,
             on_title=set_title,
+            queue=spec.queue,
+            slot=spec.slot,
+            orphans=orphans,
+            feed_fd=feed_fd,
         )
+        return role_entry(spec.kind)(context)
 
     def _read(self, child: Child) -> None:
         """Handle what `child` sent, up to the end of what is available."""
         while child.listening:
-            messages, still_open = child.receiver.read()
-            for message in messages:
+            documents, still_open = child.receiver.read()
+            for message in filter(None, map(decode, documents)):
                 self._message(child, message)
             if not still_open:  # closed before the child exited: stop watching it
                 self.selector.unregister(child.fd)
                 child.listening = False
-            if not messages:
+            if not documents:
                 return
 
-    def _message(self, child: Child, message: dict[str, Any]) -> None:
+    def _message(self, child: Child, message: Message) -> None:
         child.last_heard = time.monotonic()
-        kind = message.get("kind")
-        if kind == "booted" and not child.booted:
-            child.booted_at = time.monotonic()
-            process_id = message.get("process_id")
-            child.process_id = process_id if isinstance(process_id, int) else None
-            self._restarts(child.spec).booted()
-            if child.spec.kind == WORKER:
-                self._worker_booted = True
-            log.info("%s booted", child.spec.name, extra=child.fields())
-        elif kind == "status":
-            if isinstance(message.get("busy"), int):
-                child.busy = message["busy"]
-            if isinstance(message.get("concurrency"), int):
-                child.concurrency = message["concurrency"]
-            if isinstance(message.get("leader"), bool):
-                child.leader = message["leader"]
-        delta = message.get("metrics")
-        if isinstance(delta, dict):
-            self.registry.merge(delta, source=child.source)
+        match message:
+            case Booted(process_id=process_id) if not child.booted:
+                child.booted_at = time.monotonic()
+                child.process_id = process_id
+                self._restarts(child.spec).booted()
+                if child.spec.kind == WORKER:
+                    self._worker_booted = True
+                log.info("%s booted", child.spec.name, extra=child.fields())
+            case Status(busy=busy, concurrency=concurrency, leader=leader, metrics=metrics):
+                if busy is not None:
+                    child.busy = busy
+                if concurrency is not None:
+                    child.concurrency = concurrency
+                if leader is not None:
+                    child.leader = leader
+                if metrics is not None:
+                    self.registry.merge(metrics, source=child.source)
 
     def _reap(self) -> None:
         while True:
@@ -621,40 +564,26 @@ class Supervisor:
             return
         self._reload_failed = False
         old = self.settings
-        if new.database != old.database:
+        plan = plan_reload(old, self.specs, new)
+        if plan.database_changed:
             log.warning("database settings changed: they take effect at the next restart")
-            new = dataclasses.replace(new, database=old.database)
-        if new.log != old.log:
-            setup_logging(new.log.format, new.log.level, role="master")
-        wanted = {spec.ident: spec for spec in specs_for(new)}
-        current = {spec.ident: spec for spec in self.specs}
-        changes: dict[str, list[str]] = {"replaced": [], "started": [], "retired": []}
-        for ident, spec in current.items():
-            if ident not in wanted:
-                changes["retired"].append(spec.name)
-            elif wanted[ident] != spec:
-                changes["replaced"].append(spec.name)
-        changes["started"] = [spec.name for ident, spec in wanted.items() if ident not in current]
+        if plan.log_changed:
+            setup_logging(plan.settings.log.format, plan.settings.log.level, role="master")
         now = time.monotonic()
         for child in list(self.children.values()):
-            if child.stopping_since is None and wanted.get(child.spec.ident) != child.spec:
+            if child.stopping_since is None and not plan.keeps(child.spec):
                 log.info("stopping %s: its settings changed", child.spec.name, extra=child.fields())
                 self._stop_child(child, now, old.shutdown_timeout)
-        for ident, spec in wanted.items():
-            if current.get(ident) != spec:
-                self.restarts[ident] = Restarts()
-        for ident in set(self.restarts) - set(wanted):
-            del self.restarts[ident]
-        self.settings, self.specs = new, list(wanted.values())
+        self.restarts = plan.restarts(self.restarts)
+        self.settings, self.specs = plan.settings, plan.specs
         self._converge(now)
-        unchanged = len(wanted) - len(changes["replaced"]) - len(changes["started"])
         log.info(
             "reloaded: %d replaced, %d started, %d retired, %d unchanged",
-            len(changes["replaced"]),
-            len(changes["started"]),
-            len(changes["retired"]),
-            unchanged,
-            extra=changes,
+            len(plan.replaced),
+            len(plan.started),
+            len(plan.retired),
+            plan.unchanged,
+            extra=plan.changes(),
         )
         self._status = self.status_line()
         sdnotify.notify("READY=1", f"STATUS={self._status}")
@@ -678,27 +607,14 @@ class Supervisor:
             log.warning("ready, but still waiting for %s to boot: %s", waiting, self._status)
 
     def status_line(self) -> str:
-        """One line for systemd's STATUS=: workers, busy slots, leadership, restarts."""
-        live = [c for c in self.children.values() if c.stopping_since is None]
-        workers = [c for c in live if c.spec.kind == WORKER]
-        if self._stopping:
-            return f"{'draining' if self._stopping == 'drain' else 'stopping'}: " + (
-                f"{len(self.children)} children left"
-            )
-        leader = any(c.leader for c in live if c.spec.kind == MAINTENANCE)
-        busy = sum(c.busy for c in workers)
-        slots = sum(c.concurrency for c in workers)
-        restarts = sum(r.total for r in self.restarts.values())
-        line = (
-            f"{len(workers)} worker{'' if len(workers) == 1 else 's'}, {busy}/{slots} slots busy, "
-            f"leader: {'yes' if leader else 'no'}, {restarts} restarts"
+        """The STATUS= line (jobqd.daemon.report)."""
+        return report.status_line(
+            self.children.values(),
+            self.specs,
+            self.restarts,
+            stopping=self._stopping,
+            reload_failed=self._reload_failed,
         )
-        looping = [s.name for s in self.specs if self._restarts(s).crash_looping]
-        if looping:
-            line += f"; crash loop: {', '.join(looping)}"
-        if self._reload_failed:
-            line += "; last reload failed, running on the previous configuration"
-        return line
 
     def _notify(self, now: float) -> None:
         if self._ready:
@@ -711,32 +627,16 @@ class Supervisor:
             self._next_watchdog = now + self._watchdog
 
     def health(self) -> dict[str, Any]:
-        """The `health` message for the http child (see the module docstring)."""
-        children: dict[str, Any] = {}
-        by_spec = {c.spec: c for c in self.children.values() if c.stopping_since is None}
-        for spec in self.specs:
-            child = by_spec.get(spec)
-            restarts = self._restarts(spec)
-            children[spec.name] = {
-                "role": spec.kind,
-                "queue": spec.queue,
-                "pid": child.pid if child else None,
-                "booted": bool(child and child.booted),
-                "started_at": child.started_wall if child else None,
-                "busy": child.busy if child else 0,
-                "concurrency": child.concurrency if child else 0,
-                "leader": child.leader if child else None,
-                "restarts": restarts.total,
-                "crash_looping": restarts.crash_looping,
-            }
-        return {
-            "kind": "health",
-            "children": children,
-            "master_alive_at": time.time(),
-            "ready": self._ready,
-            "stopping": self._stopping is not None,
-            "status": self.status_line(),
-        }
+        """The `health` message for the http child (jobqd.daemon.report)."""
+        return report.health(
+            self.children.values(),
+            self.specs,
+            self.restarts,
+            ready=self._ready,
+            stopping=self._stopping is not None,
+            status=self.status_line(),
+            master_alive_at=time.time(),
+        )
 
     def _feed(self, now: float) -> None:
         feeds = [c.feed for c in self.children.values() if c.feed is not None]

@@ -28,8 +28,6 @@ import json
 import logging
 import os
 import re
-import select
-import signal
 import socket
 import threading
 import time
@@ -43,10 +41,12 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from jobqd.config.durations import parse_duration
-from jobqd.daemon.ipc import Sender
-from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError
+from jobqd.daemon.ipc import Sender, Status
+from jobqd.daemon.lifecycle import STATUS_INTERVAL, ChildContext, ChildProcess, Stopping
+from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError, first_line
 from jobqd.observe.metrics import CONTENT_TYPE, Registry, define_jobqd_metrics
 from jobqd.store import admin, migrate
+from jobqd.store import jobs as job_rows
 from jobqd.store.connections import connect
 
 log = logging.getLogger("jobqd.http")
@@ -60,7 +60,6 @@ REQUEST_TIMEOUT = 10.0
 DB_TIMEOUT_MS = 5_000
 CONNECT_TIMEOUT = 3
 SESSIONS = 4
-STATUS_INTERVAL = 1.0
 _JOB_PATH = re.compile(r"/jobs/([^/]+)")
 _JOB_KEYS = frozenset(
     {
@@ -182,7 +181,6 @@ class App:
         self.feed = feed
         self.token = token
         self.sessions = Sessions(dsn)
-        self.client = admin.statement_client(self.schema)
         self._gauges = _Cached(GAUGE_TTL, self._count)
         self._database = _Cached(READY_TTL, self._check_database)
 
@@ -193,7 +191,7 @@ class App:
             with self.sessions.session() as conn:
                 return admin.queue_depth(conn, self.schema)
         except (psycopg.Error, DatabaseUnavailable) as exc:
-            log.warning("cannot count jobs for /metrics: %s", _first_line(exc))
+            log.warning("cannot count jobs for /metrics: %s", first_line(exc))
             return None
 
     def metrics(self) -> str:
@@ -234,9 +232,9 @@ class App:
             with self.sessions.session() as conn:
                 todo = migrate.pending(conn, self.schema)
         except (psycopg.Error, DatabaseUnavailable) as exc:
-            return f"unreachable: {_first_line(exc)}", "unknown (database unreachable)"
+            return f"unreachable: {first_line(exc)}", "unknown (database unreachable)"
         except migrate.MigrationError as exc:
-            return None, _first_line(exc)
+            return None, first_line(exc)
         if todo:
             names = ", ".join(f"{m.version:04d}_{m.name}" for m in todo)
             return None, f"pending: {names} (run `jobqctl migrate`)"
@@ -278,7 +276,7 @@ class App:
         for _ in range(2):  # once more after losing a race on the same idempotency key
             try:
                 with self.sessions.session() as conn:
-                    return {"id": self.client.enqueue(task, args, conn=conn, **kwargs)}
+                    return {"id": job_rows.enqueue(conn, self.schema, task, args, **kwargs)}
             except psycopg.errors.SerializationFailure:
                 continue
             except PayloadError as exc:
@@ -286,7 +284,7 @@ class App:
             except (TypeError, ValueError) as exc:
                 raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                raise ApiError(HTTPStatus.BAD_REQUEST, _first_line(exc)) from None
+                raise ApiError(HTTPStatus.BAD_REQUEST, first_line(exc)) from None
         raise ApiError(HTTPStatus.CONFLICT, "concurrent enqueue with this idempotency key; retry")
 
     def job(self, text: str) -> dict[str, Any]:
@@ -295,7 +293,7 @@ class App:
         except ValueError:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"job ids are numbers, got {text!r}") from None
         with self.sessions.session() as conn:
-            found = self.client.get(job_id, conn=conn)
+            found = job_rows.get(conn, self.schema, job_id)
         if found is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
         return dataclasses.asdict(found)
@@ -374,11 +372,6 @@ def _run_at(value: Any) -> datetime:
     return moment
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -438,10 +431,10 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             self._json(exc.status, {"error": str(exc)})
         except (DatabaseUnavailable, psycopg.OperationalError) as exc:
-            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"database: {_first_line(exc)}"})
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"database: {first_line(exc)}"})
         except psycopg.Error as exc:
-            log.warning("http %s %s failed: %s", method, path, _first_line(exc))
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": _first_line(exc)})
+            log.warning("http %s %s failed: %s", method, path, first_line(exc))
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": first_line(exc)})
 
     def _allow(self, method: str, allowed: str) -> None:
         if method != allowed:
@@ -498,6 +491,62 @@ def make_server(settings: Any, app: App) -> ThreadingHTTPServer:
     return server_class((host, port), handler)
 
 
+class HttpChild(ChildProcess):
+    """The http child's life: serve on threads, follow the master's feed on the main thread
+    until it closes (the master is gone), a stop signal or a new parent."""
+
+    role = "http"
+    log = log
+
+    def __init__(
+        self,
+        settings: Any,
+        server: ThreadingHTTPServer,
+        feed: Feed,
+        *,
+        sender: Sender | None,
+        parent_pid: int | None,
+        on_title: Callable[[str], None] | None,
+    ) -> None:
+        super().__init__(sender=sender, parent_pid=parent_pid, on_title=on_title)
+        self.settings = settings
+        self.server = server
+        self.feed = feed
+
+    def run(self, feed_fd: int, token: str | None) -> int:
+        thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+        thread.start()
+        self.on_title(f"http {self.settings.http.listen}")
+        log.info(
+            "serving /metrics, /healthz, /readyz and the JSON API on %s%s",
+            self.settings.http.listen,
+            "" if token else f" (JSON API disabled: {self.settings.http.token_env} is not set)",
+        )
+        self.send_booted()
+        try:
+            self._follow(feed_fd)
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+        return EXIT_OK
+
+    def _follow(self, feed_fd: int) -> None:
+        next_status = 0.0
+        while self.stopping is Stopping.NO:
+            if self.wait(0.5, feed_fd):
+                chunk = os.read(feed_fd, 65536)
+                if not chunk:
+                    log.info("the master closed the feed: stopping")
+                    return
+                self.feed.take(chunk)
+            if self.master_gone():
+                return
+            now = time.monotonic()
+            if self.sender is not None and now >= next_status:
+                next_status = now + STATUS_INTERVAL
+                self.send(Status())
+
+
 def serve(
     settings: Any,
     dsn: str,
@@ -516,57 +565,24 @@ def serve(
     except OSError as exc:
         log.error("cannot listen on %s: %s", settings.http.listen, exc.strerror or exc)
         return EXIT_FAILURE
-    stopping = threading.Event()
-
-    def stop(signum: int, frame: object) -> None:
-        stopping.set()
-
-    for signum in (signal.SIGTERM, signal.SIGQUIT):
-        signal.signal(signum, stop)
-    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
-    thread.start()
-    if on_title:
-        on_title(f"http {settings.http.listen}")
-    log.info(
-        "serving /metrics, /healthz, /readyz and the JSON API on %s%s",
-        settings.http.listen,
-        "" if token else f" (JSON API disabled: {settings.http.token_env} is not set)",
+    child = HttpChild(
+        settings, server, feed, sender=sender, parent_pid=parent_pid, on_title=on_title
     )
-    if sender is not None:
-        sender.send("booted", process_id=None)
+    child.install_signals()
     try:
-        _follow(feed, feed_fd, stopping, sender, parent_pid)
+        return child.run(feed_fd, token)
     finally:
-        server.shutdown()
-        server.server_close()
         app.sessions.close()
-    return EXIT_OK
 
 
-def _follow(
-    feed: Feed,
-    feed_fd: int,
-    stopping: threading.Event,
-    sender: Sender | None,
-    parent_pid: int | None,
-) -> None:
-    """Read the master's feed until EOF, a stop signal or a new parent."""
-    next_status = 0.0
-    while not stopping.is_set():
-        readable, _, _ = select.select([feed_fd], [], [], 0.5)
-        if readable:
-            chunk = os.read(feed_fd, 65536)
-            if not chunk:
-                log.info("the master closed the feed: stopping")
-                return
-            feed.take(chunk)
-        if parent_pid is not None and os.getppid() != parent_pid:
-            log.warning("the master is gone: stopping")
-            return
-        now = time.monotonic()
-        if sender is not None and now >= next_status:
-            next_status = now + STATUS_INTERVAL
-            try:
-                sender.send("status")
-            except BrokenPipeError:
-                return
+def serve_child(child: ChildContext) -> int:
+    """The http role's entry for the master (jobqd.daemon.lifecycle.ROLES)."""
+    assert child.feed_fd is not None
+    return serve(
+        child.settings,
+        child.dsn,
+        feed_fd=child.feed_fd,
+        sender=child.sender,
+        parent_pid=child.parent_pid,
+        on_title=child.on_title,
+    )

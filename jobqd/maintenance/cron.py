@@ -33,7 +33,7 @@ import psycopg
 from croniter import CroniterBadDateError, croniter
 
 from jobqd.config.settings import CronSettings, Settings
-from jobqd.errors import JobqdError
+from jobqd.errors import JobqdError, first_line
 from jobqd.maintenance.duty import Duty, Result
 from jobqd.observe.metrics import JobqdMetrics
 from jobqd.store.sql import queries
@@ -234,7 +234,7 @@ def run_once(
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 raise
             except psycopg.Error as exc:
-                result.failed[name] = str(exc).strip().splitlines()[0]
+                result.failed[name] = first_line(exc)
                 log.error(
                     "cron entry %s could not fire: %s",
                     name,

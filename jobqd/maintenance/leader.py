@@ -32,7 +32,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd.errors import DatabaseUnavailable, JobqdError
 from jobqd.store.connections import connect
-from jobqd.store.migrate import lock_key
+from jobqd.store.locks import lock_key, pg_locks_parts
 from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.leader")
@@ -87,11 +87,6 @@ def pooler_message(dsn: str, evidence: str) -> str:
     )
 
 
-def _key_parts(key: int) -> dict[str, int]:
-    """A bigint advisory key as pg_locks shows it: high and low 32 bits, unsigned."""
-    return {"classid": (key >> 32) & 0xFFFFFFFF, "objid": key & 0xFFFFFFFF}
-
-
 def ensure_direct(dsn: str, *, application_name: str) -> None:
     """Refuse a DSN whose sessions do not keep their own backend.
 
@@ -134,7 +129,7 @@ def current_leader(conn: psycopg.Connection, schema: str) -> dict[str, Any] | No
     Read from the lock itself (pg_locks), so a stale `processes` row cannot claim to lead.
     """
     key = lock_key(schema, "leader")
-    cur = conn.execute(queries(schema).leader_current, _key_parts(key))
+    cur = conn.execute(queries(schema).leader_current, pg_locks_parts(key))
     row = cur.fetchone()
     if row is None:
         return None
@@ -159,7 +154,7 @@ class LeaderSession:
         self.statement_timeout = min(statement_timeout, LOCK_STATEMENT_TIMEOUT)
         self.sql = queries(schema)
         self.key = lock_key(schema, "leader")
-        self._key_parts = _key_parts(self.key)
+        self._key_parts = pg_locks_parts(self.key)
         self.conn: psycopg.Connection | None = None
         self.backend_pid: int | None = None
         self.held = False

@@ -14,12 +14,9 @@ pipe that signals write to.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
-import select
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -28,8 +25,15 @@ from typing import Any
 import psycopg
 
 from jobqd.config.settings import Settings
-from jobqd.daemon.ipc import Sender
-from jobqd.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, DatabaseUnavailable
+from jobqd.daemon.ipc import Sender, Status
+from jobqd.daemon.lifecycle import (
+    STATUS_INTERVAL,
+    ChildContext,
+    ChildProcess,
+    ProcessRow,
+    Stopping,
+)
+from jobqd.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, DatabaseUnavailable, first_line
 from jobqd.maintenance import pruner
 from jobqd.maintenance.aging import Aging
 from jobqd.maintenance.cron import Cron
@@ -42,10 +46,11 @@ from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.maintenance")
 
-STATUS_INTERVAL = 1.0
 
+class Maintenance(ChildProcess):
+    role = "maintenance"
+    log = log
 
-class Maintenance:
     def __init__(
         self,
         settings: Settings,
@@ -57,10 +62,13 @@ class Maintenance:
     ) -> None:
         self.settings = settings
         self.dsn = dsn
-        self.sender = sender
-        self.parent_pid = parent_pid
-        self.on_title = on_title or (lambda title: None)
         self.sql = queries(settings.database.schema)
+        super().__init__(
+            sender=sender,
+            parent_pid=parent_pid,
+            on_title=on_title,
+            row=ProcessRow(self.sql, "maintenance"),
+        )
         self.registry = Registry()
         self.metrics = define_jobqd_metrics(self.registry)
         name = f"{settings.database.application_name} maintenance {socket.gethostname()}"
@@ -71,11 +79,6 @@ class Maintenance:
             statement_timeout=settings.database.statement_timeout,
         )
         self.leader = False
-        self.process_id: int | None = None
-        self._stopping = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
         now = time.monotonic()
         self._next_try = now
         self._next_tick = now
@@ -86,23 +89,6 @@ class Maintenance:
         ]
         self._heartbeat_interval = min(5.0, settings.reaper.process_grace / 3)
         self._last_db_error = ""
-
-    # -- signals ----------------------------------------------------------------------------
-
-    def install_signals(self) -> None:
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGQUIT, self._on_stop)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master coordinates Ctrl-C
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-    def _on_stop(self, signum: int, frame: object) -> None:
-        self._stopping = True
-
-    def stop(self) -> None:
-        self._stopping = True
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"\0")
 
     # -- life -------------------------------------------------------------------------------
 
@@ -127,17 +113,16 @@ class Maintenance:
 
     def _boot(self) -> None:
         ensure_direct(self.dsn, application_name=self.session.application_name + " probe")
-        self.session.open()
-        self._register()
+        self.register(self.session.open())
         self.on_title("maintenance standby")
         log.info("maintenance started as standby (process %s)", self.process_id)
-        if self.sender is not None:
-            self._send("booted", role="maintenance", process_id=self.process_id)
+        self.send_booted()
 
     def _loop(self) -> None:
-        while not self._stopping:
-            if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                log.warning("master is gone; stopping")
+        """Until TERM or QUIT (either just ends it: there is nothing to drain) or the master
+        is gone."""
+        while self.stopping is Stopping.NO:
+            if self.master_gone():
                 return
             now = time.monotonic()
             try:
@@ -160,13 +145,7 @@ class Maintenance:
     def _sleep(self) -> None:
         deadlines = [self._next_heartbeat, self._next_status]
         deadlines.append(self._next_tick if self.leader else self._next_try)
-        timeout = max(0.0, min(deadlines) - time.monotonic())
-        with contextlib.suppress(InterruptedError):
-            ready, _, _ = select.select([self._wake_r], [], [], timeout)
-            if ready:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(self._wake_r, 4096):
-                        pass
+        self.wait(min(deadlines) - time.monotonic())
 
     def _standby_retry(self) -> float:
         retry = self.settings.maintenance.standby_retry
@@ -209,7 +188,7 @@ class Maintenance:
 
     def _lost(self, exc: BaseException) -> None:
         """A database error: as leader, step down; as standby, reconnect at the next try."""
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         if isinstance(exc, psycopg.OperationalError):
             message = f"database session lost: {message}"
         if self.leader:
@@ -243,48 +222,18 @@ class Maintenance:
 
     # -- registration, heartbeat, status ----------------------------------------------------
 
-    def _metadata(self) -> str:
-        return json.dumps({"leader": self.leader, "backend_pid": self.session.backend_pid})
-
-    def _register(self) -> None:
-        conn = self.session.open()
-        row = conn.execute(
-            self.sql.processes_register,
-            {
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "role": "maintenance",
-                "queue": None,
-                "metadata": self._metadata(),
-            },
-        ).fetchone()
-        assert row is not None
-        self.process_id = int(row[0])
+    def metadata(self) -> dict[str, Any]:
+        return {"leader": self.leader, "backend_pid": self.session.backend_pid}
 
     def _heartbeat(self) -> None:
         self._next_heartbeat = time.monotonic() + self._heartbeat_interval
-        conn = self.session.open()
-        alive = conn.execute(
-            self.sql.processes_heartbeat,
-            {"process_id": self.process_id, "metadata": self._metadata()},
-        ).fetchone()
-        if alive is None:
-            log.warning("process row was removed (reaped?); registering again")
-            self._register()
+        self.heartbeat(self.session.open())
 
     def _report(self) -> None:
         self._next_status = time.monotonic() + STATUS_INTERVAL
         self.metrics.leader.set(1 if self.leader else 0)
         if self.sender is not None:
-            self._send("status", leader=self.leader, metrics=self.registry.snapshot_delta())
-
-    def _send(self, kind: str, **fields: Any) -> None:
-        assert self.sender is not None
-        try:
-            self.sender.send(kind, **fields)
-        except OSError:
-            log.warning("master pipe closed; stopping")
-            self._stopping = True
+            self.send(Status(leader=self.leader, metrics=self.registry.snapshot_delta()))
 
     def _shutdown(self) -> None:
         if self.leader:
@@ -292,9 +241,7 @@ class Maintenance:
         self.leader = False
         if self.process_id is not None and self.session.connected:
             with contextlib.suppress(psycopg.Error):
-                self.session.open().execute(
-                    self.sql.processes_deregister, {"process_id": self.process_id}
-                )
+                self.deregister(self.session.open())
         self.session.close()
         self._report()
         log.info("maintenance stopped")
@@ -317,3 +264,14 @@ def serve(
     )
     maintenance.install_signals()
     return maintenance.run()
+
+
+def serve_child(child: ChildContext) -> int:
+    """The maintenance role's entry for the master (jobqd.daemon.lifecycle.ROLES)."""
+    return serve(
+        child.settings,
+        child.dsn,
+        sender=child.sender,
+        parent_pid=child.parent_pid,
+        on_title=child.on_title,
+    )

@@ -1,7 +1,8 @@
 """What operators ask the database: queue status, processes, the leader, bulk changes.
 
 Pure functions over an autocommit connection, shared by jobqctl and the http child, so the
-command line, the JSON API and /metrics count the same way.
+command line, the JSON API and /metrics count the same way. Single job rows are
+jobqd.store.jobs'; this module adds what an operator sees around them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from jobqd.client import Client
+from jobqd.store import jobs as job_rows
+from jobqd.store.locks import pg_locks_parts
 from jobqd.store.sql import queries
 
 STATES = ("queued", "running", "succeeded", "dead", "cancelled")
@@ -82,15 +84,9 @@ def queue_depth(
     return depth, oldest
 
 
-def statement_client(schema: str) -> Client:
-    """A client used only with explicit connections (`conn=`): it never opens a pool of its
-    own. jobqctl and the http child run the client's statements on their own sessions."""
-    return Client("unused", schema=schema)
-
-
 def job(conn: psycopg.Connection, schema: str, job_id: int) -> dict[str, Any] | None:
     """One job with every column, plus the process holding its lease, if any."""
-    info = statement_client(schema).get(job_id, conn=conn)
+    info = job_rows.get(conn, schema, job_id)
     if info is None:
         return None
     detail = dataclasses.asdict(info)
@@ -111,58 +107,35 @@ def jobs(
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     """Newest first."""
-    found = statement_client(schema).list(queue, state, limit, conn=conn)
+    found = job_rows.newest(conn, schema, queue=queue, state=state, limit=limit)
     return [dataclasses.asdict(info) for info in found]
-
-
-def states(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> dict[int, str]:
-    """The current state of each id that exists."""
-    rows = conn.execute(queries(schema).jobs_states, {"ids": list(ids)}).fetchall()
-    return {row[0]: row[1] for row in rows}
 
 
 def retry(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[int]:
     """Put dead, cancelled or waiting jobs back in line now; returns the ids that were."""
-    client = statement_client(schema)
-    return [job_id for job_id in ids if client.retry(job_id, conn=conn)]
+    return [job_id for job_id in ids if job_rows.retry(conn, schema, job_id)]
 
 
 def cancel(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[int]:
     """Cancel queued or running jobs; returns the ids that were."""
-    client = statement_client(schema)
-    return [job_id for job_id in ids if client.cancel(job_id, conn=conn)]
-
-
-def count_in_state(conn: psycopg.Connection, schema: str, queue: str, state: str) -> int:
-    row = conn.execute(queries(schema).jobs_count_in_state, {"queue": queue, "state": state})
-    return int(row.fetchone()[0])
+    return [job_id for job_id in ids if job_rows.cancel(conn, schema, job_id)]
 
 
 def retry_queue(conn: psycopg.Connection, schema: str, queue: str, state: str) -> int:
     """Retry every job of `queue` in `state` (dead or cancelled); returns how many."""
     if state not in RETRYABLE_STATES:
         raise ValueError(f"can only retry dead or cancelled jobs in bulk, not {state}")
-    return statement_client(schema).retry_queue(queue, state, conn=conn)
+    return job_rows.retry_in_queue(conn, schema, queue, state)
 
 
 def cancel_queue(conn: psycopg.Connection, schema: str, queue: str, state: str) -> int:
     """Cancel every job of `queue` in `state` (queued or running); returns how many."""
     if state not in CANCELLABLE_STATES:
         raise ValueError(f"can only cancel queued or running jobs, not {state}")
-    return conn.execute(
-        queries(schema).jobs_cancel_in_queue, {"queue": queue, "state": state}
-    ).rowcount
-
-
-def delete(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[int]:
-    """Delete jobs that are not running; returns the ids deleted."""
-    rows = conn.execute(queries(schema).jobs_delete, {"ids": list(ids)}).fetchall()
-    return sorted(row[0] for row in rows)
+    return job_rows.cancel_in_queue(conn, schema, queue, state)
 
 
 def lock_holder(conn: psycopg.Connection, schema: str, key: int) -> int | None:
     """The database backend pid holding advisory lock `key` (session level), or None."""
-    unsigned = key & 0xFFFFFFFFFFFFFFFF
-    parts = {"classid": unsigned >> 32, "objid": unsigned & 0xFFFFFFFF}
-    row = conn.execute(queries(schema).locks_holder, parts).fetchone()
+    row = conn.execute(queries(schema).locks_holder, pg_locks_parts(key)).fetchone()
     return None if row is None else int(row[0])

@@ -15,9 +15,10 @@ import warnings
 from pathlib import Path
 
 import psycopg
+from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from jobqd.errors import DatabaseUnavailable
+from jobqd.errors import DatabaseUnavailable, first_line
 
 EMBEDDED = "embedded"
 
@@ -110,14 +111,21 @@ def connect(dsn: str, *, application_name: str, autocommit: bool = True, **kw: o
         raise DatabaseUnavailable(describe_failure(dsn, exc)) from exc
 
 
+def subscribe(conn: psycopg.Connection, channel: str) -> None:
+    """Subscribe `conn` to NOTIFYs on `channel`.
+
+    The one statement built by hand: LISTEN takes an identifier, which cannot be a bound
+    parameter, so the channel is quoted as one rather than named in the .sql files."""
+    conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel)))
+
+
 def describe_failure(dsn: str, exc: BaseException) -> str:
     params = conninfo_to_dict(dsn)
     where = params.get("host") or "localhost"
     if params.get("port"):
         where += f":{params['port']}"
     db = params.get("dbname", "")
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (
-        f"cannot connect to PostgreSQL at {where}/{db}: {first_line} "
+        f"cannot connect to PostgreSQL at {where}/{db}: {first_line(exc)} "
         "(check that the server is running and database.url / --dsn / JOBQD_DATABASE_URL)"
     )

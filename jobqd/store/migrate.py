@@ -15,9 +15,10 @@ from importlib import resources
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 
 from jobqd.errors import MigrationError
+from jobqd.store.locks import lock_key
+from jobqd.store.sql import Queries, queries
 
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -55,26 +56,13 @@ def available(directory: Path | None = None) -> list[Migration]:
     return found
 
 
-def lock_key(schema: str, purpose: str) -> int:
-    """A stable signed 64-bit advisory lock key, distinct per schema and purpose."""
-    digest = hashlib.sha256(f"jobqd:{schema}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
 def _applied(conn: psycopg.Connection, schema: str) -> dict[int, str]:
-    exists = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (f"{_quote(schema)}.migrations",)
-    ).fetchone()
+    statements = queries(schema)
+    exists = conn.execute(statements.migrations_table_exists, {"schema": schema}).fetchone()
     if not exists or not exists[0]:
         return {}
-    rows = conn.execute(
-        sql.SQL("SELECT version, checksum FROM {}.migrations").format(sql.Identifier(schema))
-    ).fetchall()
+    rows = conn.execute(statements.migrations_applied).fetchall()
     return {version: checksum for version, checksum in rows}
-
-
-def _quote(schema: str) -> str:
-    return '"' + schema.replace('"', '""') + '"'
 
 
 def _check(applied: dict[int, str], known: list[Migration]) -> list[Migration]:
@@ -111,40 +99,36 @@ def migrate(conn: psycopg.Connection, schema: str, *, dry_run: bool = False) -> 
     """
     if not conn.autocommit:
         raise ValueError("migrate() needs an autocommit connection")
-    key = lock_key(schema, "migrate")
-    conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    statements = queries(schema)
+    lock = {"key": lock_key(schema, "migrate")}
+    conn.execute(statements.migrations_lock, lock)
     try:
         todo = pending(conn, schema)
         if dry_run or not todo:
             return todo
-        ident = sql.Identifier(schema)
         with conn.transaction():
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {}.migrations ("
-                    " version integer PRIMARY KEY, name text NOT NULL,"
-                    " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-                ).format(ident)
-            )
+            conn.execute(statements.migrations_create_schema)
+            conn.execute(statements.migrations_create_table)
         for migration in todo:
-            _apply(conn, schema, migration)
+            _apply(conn, statements, migration)
         return todo
     finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        conn.execute(statements.migrations_unlock, lock)
 
 
-def _apply(conn: psycopg.Connection, schema: str, migration: Migration) -> None:
-    ident = sql.Identifier(schema)
+def _apply(conn: psycopg.Connection, statements: Queries, migration: Migration) -> None:
     try:
         with conn.transaction():
-            conn.execute(sql.SQL("SET LOCAL search_path TO {}, pg_temp").format(ident))
+            conn.execute(statements.migrations_search_path)
+            # The file itself: a script of many statements, not one that can be named.
             conn.execute(migration.text.encode())
             conn.execute(
-                sql.SQL(
-                    "INSERT INTO {}.migrations (version, name, checksum) VALUES (%s, %s, %s)"
-                ).format(ident),
-                (migration.version, migration.name, migration.checksum),
+                statements.migrations_record,
+                {
+                    "version": migration.version,
+                    "name": migration.name,
+                    "checksum": migration.checksum,
+                },
             )
     except psycopg.Error as exc:
         raise MigrationError(

@@ -1,4 +1,5 @@
-"""Writing a batch of outcomes: the acknowledge half of the hot path.
+"""Writing a batch of outcomes and counting what was written: the acknowledge half of the
+hot path, as River's jobcompleter is to its producer.
 
 Plain successes (no result value), the bulk of any busy queue, go through a lean statement
 that takes two integer arrays; everything else through the general `finish` statement. Both
@@ -9,10 +10,16 @@ literals built here, several times cheaper than adapting Python lists element by
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 import psycopg
 
+from jobqd.observe.metrics import JobqdMetrics
 from jobqd.store.sql import Queries, float_array, int_array, text_array
-from jobqd.worker.executor import SUCCEEDED, Outcome
+from jobqd.worker.executor import QUEUED, SUCCEEDED, Outcome
+
+log = logging.getLogger("jobqd.worker")
 
 
 def _bools(values: list[bool]) -> str:
@@ -65,3 +72,47 @@ def acknowledge(conn: psycopg.Connection, sql: Queries, batch: list[Outcome]) ->
     with conn.pipeline():
         cursors = send_acknowledge(conn, sql, batch)
     return written(cursors)
+
+
+class Completer:
+    """A worker's writer of outcomes: `send` inside the worker's pipeline (sharing its round
+    trip with the next claim), then `record` once the results are in."""
+
+    def __init__(self, sql: Queries, queue: str, metrics: JobqdMetrics) -> None:
+        self.sql = sql
+        self.queue = queue
+        self.metrics = metrics
+
+    def send(self, conn: psycopg.Connection, batch: list[Outcome]) -> list[psycopg.Cursor]:
+        return send_acknowledge(conn, self.sql, batch)
+
+    def record(self, batch: list[Outcome], cursors: list[psycopg.Cursor]) -> None:
+        """Read what was written and count it: one counter update per task, not per job. An
+        outcome not written had lost its lease; that is logged, as it should be rare."""
+        ids = written(cursors)
+        m, queue = self.metrics, self.queue
+        tallies: dict[str, Counter[str]] = {}
+        for o in batch:
+            task = o.job.task
+            m.job_duration.observe(o.duration, queue, task)
+            if o.job.id not in ids:
+                log.warning(
+                    "outcome dropped: the job's lease was lost (reaped or cancelled)",
+                    extra=o.job.log_fields(),
+                )
+                continue
+            tally = tallies.setdefault(task, Counter())
+            if o.state == SUCCEEDED:
+                tally["succeeded"] += 1
+            elif not o.snooze:
+                tally["failed"] += 1
+                tally["retried" if o.state == QUEUED else "dead"] += 1
+        counters = {
+            "succeeded": m.jobs_succeeded,
+            "failed": m.jobs_failed,
+            "retried": m.jobs_retried,
+            "dead": m.jobs_dead,
+        }
+        for task, tally in tallies.items():
+            for outcome, n in tally.items():
+                counters[outcome].inc(queue, task, amount=n)

@@ -43,10 +43,6 @@ class Outcome:
     snooze: bool = False
     duration: float = 0.0
 
-    @property
-    def failed(self) -> bool:
-        return self.error is not None and not self.snooze
-
 
 @dataclass(frozen=True, slots=True)
 class Policy:

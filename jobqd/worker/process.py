@@ -9,69 +9,74 @@ a notification, a finished job, a signal, or the next deadline (heartbeat, poll,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import queue as queue_module
 import selectors
-import signal
-import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import sql as pgsql
 
 from jobqd.backoff import Backoff
-from jobqd.daemon.ipc import Sender
+from jobqd.daemon.ipc import Sender, Status
+from jobqd.daemon.lifecycle import (
+    STATUS_INTERVAL,
+    ChildContext,
+    ChildProcess,
+    ProcessRow,
+    Stopping,
+)
+from jobqd.errors import EXIT_RECYCLE
 from jobqd.maintenance import reaper
 from jobqd.observe.metrics import Registry as MetricsRegistry
 from jobqd.observe.metrics import define_jobqd_metrics
-from jobqd.store.connections import connect
+from jobqd.store.connections import connect, subscribe
 from jobqd.store.sql import int_array, queries
 from jobqd.tasks import Job, Registry
-from jobqd.worker.completer import send_acknowledge, written
-from jobqd.worker.executor import QUEUED, SUCCEEDED, Executor, Outcome, Policy, claimed_job
+from jobqd.worker.completer import Completer
+from jobqd.worker.executor import QUEUED, Executor, Policy, claimed_job
+from jobqd.worker.inflight import LEASE_LOST, InFlight
 
 log = logging.getLogger("jobqd.worker")
 
-EXIT_RECYCLE = 10  # planned: the master replaces the process without backoff
 _RECONNECT_PAUSE = 1.0
-_STATUS_INTERVAL = 1.0
 _TIMEOUT_CHECK_INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Everything a worker needs, already resolved (no config file access after fork)."""
+    """Everything a worker needs, already resolved (no config file access after fork).
+
+    Built by from_settings: the defaults are the config's (jobqd.config.settings), not
+    repeated here."""
 
     dsn: str
     schema: str
     queue: str
-    concurrency: int = 8
-    lease: float = 30.0
-    heartbeat: float | None = None
-    poll_interval: float = 1.0
-    max_attempts: int = 20
-    backoff: Backoff = Backoff()
-    timeout: float | None = None
-    grace: float = 10.0
-    delivery: str = "at_least_once"
-    max_jobs_per_process: int | None = None
-    max_memory: int | None = None
-    completion_batch: int = 100
-    completion_interval: float = 0.005
-    events: bool | None = None
+    concurrency: int
+    lease: float
+    heartbeat: float | None
+    poll_interval: float
+    max_attempts: int
+    backoff: Backoff
+    timeout: float | None
+    grace: float
+    delivery: str
+    max_jobs_per_process: int | None
+    max_memory: int | None
+    completion_batch: int
+    completion_interval: float
+    events: bool | None
+    shutdown_timeout: float
+    statement_timeout: float
     orphans: tuple[int, ...] = ()  # process ids of this queue's workers the master saw die
-    shutdown_timeout: float = 30.0
-    statement_timeout: float = 30.0
     slot: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -115,7 +120,13 @@ def _rss_bytes() -> int:
         return 0
 
 
-class Worker:
+class Worker(ChildProcess):
+    """The claim loop, the heartbeat and the process's life; the jobs it holds are in
+    `inflight`, the writing of their outcomes in `completer`."""
+
+    role = "worker"
+    log = log
+
     def __init__(
         self,
         config: WorkerConfig,
@@ -126,65 +137,43 @@ class Worker:
         on_title: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
-        self.registry = registry
-        self.sender = sender
-        self.parent_pid = parent_pid
-        self.on_title = on_title or (lambda title: None)
         self.sql = queries(config.schema)
+        super().__init__(
+            sender=sender,
+            parent_pid=parent_pid,
+            on_title=on_title,
+            row=ProcessRow(self.sql, "worker", config.queue, self.fields()),
+        )
+        self.registry = registry
         self.executor = Executor(
             registry, Policy(config.max_attempts, config.backoff, config.timeout)
         )
         self.metrics_registry = MetricsRegistry()
         self.metrics = define_jobqd_metrics(self.metrics_registry)
-
-        self._lock = threading.Lock()
-        self._running: dict[int, Job] = {}  # claimed, not finished by its thread
-        self._done: list[Outcome] = []  # finished, outcome not yet written
-        self._abandoned: set[int] = set()  # timed out: the thread's late result is ignored
+        self.inflight = InFlight(config.concurrency)
+        self.completer = Completer(self.sql, config.queue, self.metrics)
         self._ready: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
 
-        self._stopping: str | None = None  # None, "drain" or "fast"
-        self._drain_deadline = 0.0
         self._exit_code = 0
         self._jobs_run = 0
         self._claim_now = True
-        self._first_done_at: float | None = None
         self._next_poll = 0.0
         self._timeouts = config.timeout is not None or any(
             spec.timeout is not None for spec in registry.specs()
         )
         self._next_timeout_check = 0.0
-        self.process_id: int | None = None
         self._conn: psycopg.Connection | None = None
         self._listen: psycopg.Connection | None = None
         self._listen_fd = -1
         self._threads: list[threading.Thread] = []
 
-    # -- signals and wake-ups -------------------------------------------------------------
+    # -- stopping -----------------------------------------------------------------------
 
-    def install_signals(self) -> None:
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, lambda *_: self.stop("drain"))
-        signal.signal(signal.SIGQUIT, lambda *_: self.stop("fast"))
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master coordinates Ctrl-C
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-    def stop(self, how: str) -> None:
-        """Drain: no new claims, running jobs may finish until shutdown_timeout. Fast: give
-        running jobs back now. A second drain request becomes fast."""
-        if how == "fast" or self._stopping == "drain":
-            self._stopping = "fast"
-        elif self._stopping is None:
-            self._stopping = "drain"
-            self._drain_deadline = time.monotonic() + self.config.shutdown_timeout
-        self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"\0")
+    @property
+    def _drain_deadline(self) -> float:
+        """Drain: no new claims, running jobs may finish until shutdown_timeout; then (or on
+        a fast stop) the jobs still running are released."""
+        return self.stop_requested_at + self.config.shutdown_timeout
 
     # -- connections ----------------------------------------------------------------------
 
@@ -210,9 +199,9 @@ class Worker:
         try:
             conn = connect(self.config.dsn, application_name=self._app_name() + " listen")
             channel = conn.execute(self.sql.queues_channel, {"queue": self.config.queue}).fetchone()
-            conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel[0])))
+            subscribe(conn, channel[0])
         except Exception as exc:
-            log.warning("LISTEN unavailable, polling only: %s", exc, extra=self._fields())
+            log.warning("LISTEN unavailable, polling only: %s", exc, extra=self.fields())
             return
         self._listen = conn
         self._listen_fd = conn.pgconn.socket
@@ -224,34 +213,22 @@ class Worker:
             for _ in self._listen.notifies(timeout=0):
                 pass
         except psycopg.Error as exc:
-            log.warning("LISTEN connection lost (%s); reconnecting", exc, extra=self._fields())
+            log.warning("LISTEN connection lost (%s); reconnecting", exc, extra=self.fields())
             selector.unregister(self._listen_fd)
             self._listen.close()
             self._listen = None
 
-    def _fields(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
         return {"queue": self.config.queue, "slot": self.config.slot}
 
-    # -- life -----------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "slot": self.config.slot,
+            "busy": self.inflight.busy,
+            "concurrency": self.config.concurrency,
+        }
 
-    def register(self) -> None:
-        meta = {**self.config.metadata, "slot": self.config.slot}
-        meta["concurrency"] = self.config.concurrency
-        row = (
-            self._db()
-            .execute(
-                self.sql.processes_register,
-                {
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "role": "worker",
-                    "queue": self.config.queue,
-                    "metadata": json.dumps(meta),
-                },
-            )
-            .fetchone()
-        )
-        self.process_id = row[0]
+    # -- life -----------------------------------------------------------------------------
 
     def take_back(self, process_ids: tuple[int, ...]) -> None:
         """Give back at once the jobs of predecessors the master saw die, rather than leave
@@ -301,15 +278,14 @@ class Worker:
         """Serve the queue until stopped; returns the process exit code."""
         if self.config.orphans:
             self.take_back(self.config.orphans)
-        self.register()
+        self.register(self._db())
         self.sync_definitions()
-        if self.sender:
-            self.sender.send("booted", process_id=self.process_id, queue=self.config.queue)
+        self.send_booted()
         log.info(
             "worker started: %d slots, lease %.0fs",
             self.config.concurrency,
             self.config.lease,
-            extra=self._fields(),
+            extra=self.fields(),
         )
         for n in range(self.config.concurrency):
             thread = threading.Thread(target=self._slot, name=f"slot-{n}", daemon=True)
@@ -323,7 +299,7 @@ class Worker:
 
     def _loop(self) -> None:
         selector = selectors.DefaultSelector()
-        selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        selector.register(self.wake_fd, selectors.EVENT_READ, "wake")
         self._open_listen(selector)
         now = time.monotonic()
         next_heartbeat = now + self.config.heartbeat_interval
@@ -332,18 +308,16 @@ class Worker:
         next_listen_retry = now + _RECONNECT_PAUSE
         while True:
             now = time.monotonic()
-            if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                log.warning("master is gone; stopping", extra=self._fields())
-                self._stopping = "fast"
-            if self._stopping == "fast" or (
-                self._stopping == "drain" and now >= self._drain_deadline
+            self.master_gone()
+            if self.stopping is Stopping.FAST or (
+                self.stopping is Stopping.DRAIN and now >= self._drain_deadline
             ):
                 return
             try:
                 self._check_timeouts(now)
                 claim = (
-                    self._stopping is None
-                    and self._free_slots() > 0
+                    self.stopping is Stopping.NO
+                    and self.inflight.free > 0
                     and (self._claim_now or now >= self._next_poll)
                 )
                 if claim or self._due_flush(now):
@@ -354,68 +328,57 @@ class Worker:
                     self._heartbeat()
                     next_heartbeat = now + self.config.heartbeat_interval
             except psycopg.OperationalError as exc:
-                log.warning("database error (%s); reconnecting", exc, extra=self._fields())
+                log.warning("database error (%s); reconnecting", exc, extra=self.fields())
                 self._drop_db()
                 self._sleep_interruptibly(_RECONNECT_PAUSE)
                 continue
-            if self._stopping == "drain" and not self._running and not self._done:
+            if self.stopping is Stopping.DRAIN and self.inflight.empty():
                 return
-            if self._listen is None and self._stopping is None and now >= next_listen_retry:
+            if self._listen is None and self.stopping is Stopping.NO and now >= next_listen_retry:
                 self._open_listen(selector)
                 next_listen_retry = now + _RECONNECT_PAUSE * 5
             if now >= next_status:
                 self._report_status()
                 self._check_memory()
-                next_status = now + _STATUS_INTERVAL
+                next_status = now + STATUS_INTERVAL
             self._check_jobs_run()
             timeout = self._next_wait(now, next_heartbeat, self._next_poll, next_status)
             for key, _ in selector.select(timeout):
                 if key.data == "wake":
-                    self._drain_wake_pipe()
+                    self.drain_wake()
                 elif self._listen is not None:
                     self._drain_notifies(selector)
                     self._claim_now = True
 
     def _next_wait(self, now: float, *deadlines: float) -> float:
         waits = [d - now for d in deadlines]
-        if self._first_done_at is not None:
-            waits.append(self._first_done_at + self.config.completion_interval - now)
-        if self._stopping == "drain":
+        first_done_at = self.inflight.first_done_at
+        if first_done_at is not None:
+            waits.append(first_done_at + self.config.completion_interval - now)
+        if self.stopping is Stopping.DRAIN:
             waits.append(self._drain_deadline - now)
-        if self._running and self._timeouts:
+        if self.inflight.busy and self._timeouts:
             waits.append(self._next_timeout_check - now)
-        if self._claim_now and self._free_slots() > 0 and self._stopping is None:
+        if self._claim_now and self.inflight.free > 0 and self.stopping is Stopping.NO:
             waits.append(0.0)
         return max(0.0, min(waits))
 
     def _sleep_interruptibly(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while self._stopping != "fast" and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def _drain_wake_pipe(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def _free_slots(self) -> int:
-        return self.config.concurrency - len(self._running)
+        while self.stopping is not Stopping.FAST and (now := time.monotonic()) < deadline:
+            self.wait(deadline - now)
 
     # -- the hot path ---------------------------------------------------------------------
 
     def _exchange(self, claim: bool) -> None:
         """One round trip: acknowledge what finished and, if there is room, claim more, in
         one transaction (one commit) through pipeline mode."""
-        with self._lock:
-            batch, self._done = self._done, []
-            self._first_done_at = None
+        batch = self.inflight.take()
         limit = self._claim_limit() if claim else 0
         db = self._db()
         try:
             with db.transaction(), db.pipeline():
-                acks = send_acknowledge(db, self.sql, batch) if batch else []
+                acks = self.completer.send(db, batch) if batch else []
                 if limit:
                     claimed = db.cursor()
                     claimed.execute(
@@ -428,12 +391,10 @@ class Worker:
                         },
                     )
         except psycopg.OperationalError:
-            with self._lock:  # not written: keep them for the next try
-                self._done[:0] = batch
-                self._first_done_at = self._first_done_at or time.monotonic()
+            self.inflight.put_back(batch)  # not written: keep them for the next try
             raise
         if batch:
-            self._count(batch, written(acks))
+            self.completer.record(batch, acks)
             # A job retried or snoozed for less than a poll interval gets no NOTIFY when it
             # comes due: look again when it does rather than at the next poll.
             soon = [o.delay for o in batch if o.state == QUEUED and o.delay is not None]
@@ -447,7 +408,7 @@ class Worker:
         self._set_title()
 
     def _claim_limit(self) -> int:
-        limit = self._free_slots()
+        limit = self.inflight.free
         if self.config.max_jobs_per_process is not None:
             limit = min(limit, self.config.max_jobs_per_process - self._jobs_run)
         return max(0, limit)
@@ -458,13 +419,12 @@ class Worker:
             return
         self._jobs_run += len(rows)
         policy, queue = self.executor.policy, self.config.queue
+        jobs = [claimed_job(row, queue, self.registry, policy) for row in rows]
+        self.inflight.start(jobs)  # before any slot can finish one
         claimed: Counter[str] = Counter()
-        with self._lock:
-            for row in rows:
-                job = claimed_job(row, queue, self.registry, policy)
-                self._running[job.id] = job
-                claimed[job.task] += 1
-                self._ready.put(job)
+        for job in jobs:
+            claimed[job.task] += 1
+            self._ready.put(job)
         for task, n in claimed.items():
             self.metrics.jobs_started.inc(queue, task, amount=n)
 
@@ -473,78 +433,33 @@ class Worker:
             job = self._ready.get()
             if job is None:
                 return
-            outcome = self.executor.run(job)
-            with self._lock:
-                if job.id in self._abandoned:
-                    self._abandoned.discard(job.id)
-                    continue
-                if self._running.pop(job.id, None) is None:
-                    continue
-                if job.cancelled and job.cancel_reason == "lease lost":
-                    continue
-                self._done.append(outcome)
-                first = self._first_done_at is None
-                if first:
-                    self._first_done_at = time.monotonic()
-            if first:
-                self._wake()
+            if self.inflight.finish(self.executor.run(job)):
+                self.wake()
 
     def _due_flush(self, now: float) -> bool:
-        if not self._done:
+        waiting = self.inflight.waiting
+        if not waiting:
             return False
-        if len(self._done) >= self.config.completion_batch or self._stopping:
+        if waiting >= self.config.completion_batch or self.stopping is not Stopping.NO:
             return True
-        if self._claim_now or self._free_slots() == self.config.concurrency:
+        if self._claim_now or self.inflight.busy == 0:
             return True
-        first = self._first_done_at
+        first = self.inflight.first_done_at
         return first is not None and now - first >= self.config.completion_interval
 
-    def _count(self, batch: list[Outcome], written: set[int]) -> None:
-        """Metrics for a written batch, one counter update per task rather than per job."""
-        m, queue = self.metrics, self.config.queue
-        tallies: dict[str, Counter[str]] = {}
-        for o in batch:
-            task = o.job.task
-            m.job_duration.observe(o.duration, queue, task)
-            if o.job.id not in written:
-                log.warning(
-                    "outcome dropped: the job's lease was lost (reaped or cancelled)",
-                    extra=o.job.log_fields(),
-                )
-                continue
-            tally = tallies.setdefault(task, Counter())
-            if o.state == SUCCEEDED:
-                tally["succeeded"] += 1
-            elif not o.snooze:
-                tally["failed"] += 1
-                tally["retried" if o.state == QUEUED else "dead"] += 1
-        for task, tally in tallies.items():
-            for outcome, n in tally.items():
-                counter = {
-                    "succeeded": m.jobs_succeeded,
-                    "failed": m.jobs_failed,
-                    "retried": m.jobs_retried,
-                    "dead": m.jobs_dead,
-                }[outcome]
-                counter.inc(queue, task, amount=n)
-
     def _heartbeat(self) -> None:
-        with self._lock:
-            held = [*self._running.values(), *(o.job for o in self._done)]
-        meta = json.dumps(
-            {"slot": self.config.slot, "busy": len(self._running), **self.config.metadata}
-        )
+        """One statement: the process row, and with it the leases of every job held."""
+        held = self.inflight.held()
         db = self._db()
         if not held:
-            alive = db.execute(
-                self.sql.processes_heartbeat, {"process_id": self.process_id, "metadata": meta}
-            ).fetchone()
+            self.heartbeat(db)
         else:
+            metadata = self.metadata()
             rows = db.execute(
                 self.sql.leases_renew,
                 {
                     "process_id": self.process_id,
-                    "metadata": meta,
+                    "metadata": json.dumps(metadata),
                     "lease": self.config.lease,
                     "ids": int_array([j.id for j in held]),
                     "tokens": int_array([j.lease_token for j in held]),
@@ -555,19 +470,13 @@ class Worker:
             for job in held:
                 if job.id not in renewed:
                     self._lose(job)
-        if not alive:
-            log.warning(
-                "process row was removed (reaped?); registering again", extra=self._fields()
-            )
-            self.register()
+            if not alive:
+                self.row.removed(db, metadata)  # type: ignore[union-attr]
 
     def _lose(self, job: Job) -> None:
         """The job is no longer ours (reaped, cancelled): tell the task, write nothing."""
-        with self._lock:
-            self._done = [o for o in self._done if o.job.id != job.id]
-            if self._running.pop(job.id, None) is not None:
-                self._abandoned.add(job.id)
-        job.cancel("lease lost")
+        self.inflight.lose(job)
+        job.cancel(LEASE_LOST)
         log.warning(
             "lease lost: the job was cancelled or taken back; its outcome will not be written",
             extra=job.log_fields(),
@@ -581,12 +490,10 @@ class Worker:
 
     def _check_timeouts(self, now: float) -> None:
         """Past the soft timeout a job is flagged cancelled; past soft + grace it is failed."""
-        if not self._timeouts or not self._running or now < self._next_timeout_check:
+        if not self._timeouts or not self.inflight.busy or now < self._next_timeout_check:
             return
         self._next_timeout_check = now + _TIMEOUT_CHECK_INTERVAL
-        with self._lock:
-            running = list(self._running.values())
-        for job in running:
+        for job in self.inflight.running():
             soft = self._soft_timeout(job)
             if soft is None:
                 continue
@@ -599,12 +506,8 @@ class Worker:
     def _time_out(self, job: Job, limit: float) -> None:
         """Threads cannot be killed: record the timeout, stop claiming, and let the master
         replace this process once the other jobs are done."""
-        with self._lock:
-            if self._running.pop(job.id, None) is None:
-                return
-            self._abandoned.add(job.id)
-            self._done.append(self.executor.timed_out(job, limit))
-            self._first_done_at = self._first_done_at or time.monotonic()
+        if not self.inflight.time_out(job, lambda: self.executor.timed_out(job, limit)):
+            return
         job.cancel("hard timeout")
         log.error(
             "job exceeded its hard timeout (%.1fs); recycling this worker process",
@@ -628,42 +531,36 @@ class Worker:
                 self._recycle(f"RSS {rss >> 20} MiB over max_memory {limit >> 20} MiB")
 
     def _recycle(self, reason: str) -> None:
-        if self._stopping:
+        if self.stopping is not Stopping.NO:
             return
-        log.info("recycling worker process: %s", reason, extra=self._fields())
+        log.info("recycling worker process: %s", reason, extra=self.fields())
         self._exit_code = EXIT_RECYCLE
-        self.stop("drain")
+        self.stop(Stopping.DRAIN)
 
     # -- reporting ------------------------------------------------------------------------
 
     def _set_title(self) -> None:
         self.on_title(
             f"worker {self.config.queue}#{self.config.slot} "
-            f"{len(self._running)}/{self.config.concurrency}"
+            f"{self.inflight.busy}/{self.config.concurrency}"
         )
 
     def _report_status(self) -> None:
-        self.metrics.workers_busy.set(len(self._running), self.config.queue)
-        if self.sender is None:
-            return
-        try:
-            self.sender.send(
-                "status",
-                busy=len(self._running),
-                concurrency=self.config.concurrency,
-                metrics=self.metrics_registry.snapshot_delta(),
+        busy = self.inflight.busy
+        self.metrics.workers_busy.set(busy, self.config.queue)
+        if self.sender is not None:
+            self.send(
+                Status(
+                    busy=busy,
+                    concurrency=self.config.concurrency,
+                    metrics=self.metrics_registry.snapshot_delta(),
+                )
             )
-        except OSError:
-            log.warning("master pipe closed; stopping", extra=self._fields())
-            self._stopping = "fast"
 
     # -- the end --------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        with self._lock:
-            unfinished = list(self._running.values())
-            self._running.clear()
-            self._abandoned.update(j.id for j in unfinished)
+        unfinished = self.inflight.abandon_running()
         for job in unfinished:
             job.cancel("worker shutting down")
         try:
@@ -671,12 +568,12 @@ class Worker:
             if unfinished:
                 self._release(unfinished)
             if self.process_id is not None:
-                self._db().execute(self.sql.processes_deregister, {"process_id": self.process_id})
+                self.deregister(self._db())
         except psycopg.Error as exc:
             log.error(
                 "could not write final state (%s); the reaper will release leftovers",
                 exc,
-                extra=self._fields(),
+                extra=self.fields(),
             )
         self._report_status()
         for _ in self._threads:
@@ -684,7 +581,7 @@ class Worker:
         for conn in (self._listen, self._conn):
             if conn is not None:
                 conn.close()
-        log.info("worker stopped", extra=self._fields())
+        log.info("worker stopped", extra=self.fields())
 
     def _release(self, jobs: list[Job]) -> None:
         at_most_once = [self._at_most_once(j) for j in jobs]
@@ -704,7 +601,7 @@ class Worker:
             "released %d unfinished job(s) at shutdown: %s",
             len(rows),
             ", ".join(str(r[0]) for r in rows),
-            extra=self._fields(),
+            extra=self.fields(),
         )
 
     def _at_most_once(self, job: Job) -> bool:
@@ -732,3 +629,17 @@ def serve(
     worker = Worker(config, tasks.registry, sender=sender, parent_pid=parent_pid, on_title=on_title)
     worker.install_signals()
     return worker.run()
+
+
+def serve_child(child: ChildContext) -> int:
+    """The worker role's entry for the master (jobqd.daemon.lifecycle.ROLES)."""
+    settings = child.settings
+    assert child.queue is not None
+    return serve(
+        WorkerConfig.from_settings(child.dsn, settings, child.queue, child.slot, child.orphans),
+        imports=settings.imports,
+        commands=settings.tasks,
+        sender=child.sender,
+        parent_pid=child.parent_pid,
+        on_title=child.on_title,
+    )

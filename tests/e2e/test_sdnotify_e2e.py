@@ -16,7 +16,7 @@ import pytest
 from e2e_daemon import Daemon, base_config, daemon_env
 from helpers import scalar, wait_for
 
-from jobqd.store.migrate import lock_key
+from jobqd.store.locks import lock_key
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 

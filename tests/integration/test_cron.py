@@ -276,3 +276,37 @@ def test_the_cron_duty_is_due_again_at_the_next_tick_or_one_interval_on(conn):
     assert dict(result.counts) == {"fired": 0, "failed": 0}  # first seen: due from now on
     assert 0.0 <= result.again_in <= 1.005 and duty.next_due == 100.0 + result.again_in
     assert Cron(settings("maintenance: {interval: 2s}")).run(conn).again_in == 2.0
+
+
+class _FailingEnqueue:
+    """The leader session, except that enqueueing a tick fails with an empty message.
+
+    Postgres attaches a CONTEXT line to every error raised in PL/pgSQL, so a server error
+    never reaches psycopg without text; errors psycopg raises itself can. Everything else the
+    pass does runs on the real session."""
+
+    def __init__(self, conn: psycopg.Connection, statement: str) -> None:
+        self._conn = conn
+        self._statement = statement
+
+    def execute(self, query, params=None):
+        if query == self._statement:
+            raise psycopg.errors.RaiseException()
+        return self._conn.execute(query, params)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def test_an_entry_failing_with_an_empty_message_is_reported_not_a_crash(conn, t0):
+    from jobqd.store.sql import queries
+
+    config = settings(MINUTELY)
+    set_last_tick(conn, ["once"], t0)
+    failing = _FailingEnqueue(conn, queries("jobqd").cron_enqueue_tick)
+    result = run_once(failing, config, now=t0 + timedelta(minutes=2, seconds=1))
+    assert result.failed == {"once": "RaiseException"}
+    assert jobs(conn, "t.once") == []
+    # The failed firing left nothing behind: the next pass fires what was due.
+    again = run_once(conn, config, now=t0 + timedelta(minutes=2, seconds=1))
+    assert again.failed == {} and len(again.fired["once"]) == len(jobs(conn, "t.once")) > 0

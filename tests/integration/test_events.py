@@ -7,11 +7,10 @@ import signal
 import threading
 
 import pytest
-from helpers import LEDGER_TABLE, spawn_worker, wait_for
+from helpers import LEDGER_TABLE, spawn_worker, wait_for, worker_config
 
 from jobqd import Client, events
 from jobqd.events import BundleEvent, JobEvent
-from jobqd.worker.process import WorkerConfig
 
 
 @pytest.fixture
@@ -67,7 +66,7 @@ def test_worker_outcomes_are_published_once_per_end(client, conn, dsn):
     ok = [client.enqueue("test.noop") for _ in range(3)]
     failing = client.enqueue("test.fail")
     # `events: true` in the queue's config turns them on when its worker starts.
-    config = WorkerConfig(dsn=dsn, schema="jobqd", queue="default", events=True)
+    config = worker_config(dsn, events=True)
     worker = spawn_worker(config, dsn)
     try:
         reader.join(30)
@@ -80,7 +79,7 @@ def test_worker_outcomes_are_published_once_per_end(client, conn, dsn):
     assert {by_id[i].state for i in ok} == {"succeeded"}
     assert (by_id[failing].state, by_id[failing].attempt) == ("dead", 3)
 
-    quiet = spawn_worker(WorkerConfig(dsn=dsn, schema="jobqd", queue="default", events=False), dsn)
+    quiet = spawn_worker(worker_config(dsn, events=False), dsn)
     try:
         wait_for(lambda: trigger_state(conn) == "D", what="events: false to switch them off")
     finally:

@@ -16,8 +16,8 @@ import pytest
 from helpers import LEDGER_TABLE, scalar, start_worker, wait_for
 
 from jobqd import Client
+from jobqd.errors import EXIT_RECYCLE
 from jobqd.store.sql import queries
-from jobqd.worker.process import EXIT_RECYCLE
 
 
 @pytest.fixture

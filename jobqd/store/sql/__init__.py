@@ -1,8 +1,11 @@
 """Every SQL statement jobqd runs, named, loaded from the .sql files beside this module.
 
-Each file holds blocks that start with `-- name: NAME`; `{schema}` in a statement is replaced by
-the quoted schema name once per schema. Values are always bound parameters (`%(name)s`), never
-formatted in.
+Each file holds one subject's blocks, each starting with `-- name: SUBJECT_VERB`; `{schema}` in
+a statement is replaced by the quoted schema name once per schema. Values are always bound
+parameters (`%(name)s`), never formatted in. Two things are sent that are not named here: the
+migration files themselves (store/migrate.py runs each as one script) and LISTEN, whose channel
+is an identifier and cannot be bound (store/connections.subscribe quotes it).
+tests/unit/test_statements.py checks that every name is used and every name used exists.
 """
 
 from __future__ import annotations

@@ -1,0 +1,85 @@
+"""What the master says about its children: the STATUS= line for systemd and the `health`
+message for the http child. Both are pure functions of the children, the specs and their
+restart bookkeeping, so they are tested without processes."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from jobqd.daemon.children import MAINTENANCE, WORKER, Child, ChildSpec, Ident, Restarts
+
+
+def _restarts_of(restarts: Mapping[Ident, Restarts], spec: ChildSpec) -> Restarts:
+    return restarts.get(spec.ident) or Restarts()
+
+
+def status_line(
+    children: Collection[Child],
+    specs: list[ChildSpec],
+    restarts: Mapping[Ident, Restarts],
+    *,
+    stopping: str | None,
+    reload_failed: bool,
+) -> str:
+    """One line for systemd's STATUS=: workers, busy slots, leadership, restarts; while
+    stopping (`"drain"` or `"fast"`), only how many children are left."""
+    if stopping:
+        word = "draining" if stopping == "drain" else "stopping"
+        return f"{word}: {len(children)} children left"
+    live = [c for c in children if c.stopping_since is None]
+    workers = [c for c in live if c.spec.kind == WORKER]
+    leader = any(c.leader for c in live if c.spec.kind == MAINTENANCE)
+    busy = sum(c.busy for c in workers)
+    slots = sum(c.concurrency for c in workers)
+    total = sum(r.total for r in restarts.values())
+    line = (
+        f"{len(workers)} worker{'' if len(workers) == 1 else 's'}, {busy}/{slots} slots busy, "
+        f"leader: {'yes' if leader else 'no'}, {total} restarts"
+    )
+    looping = [s.name for s in specs if _restarts_of(restarts, s).crash_looping]
+    if looping:
+        line += f"; crash loop: {', '.join(looping)}"
+    if reload_failed:
+        line += "; last reload failed, running on the previous configuration"
+    return line
+
+
+def health(
+    children: Collection[Child],
+    specs: list[ChildSpec],
+    restarts: Mapping[Ident, Restarts],
+    *,
+    ready: bool,
+    stopping: bool,
+    status: str,
+    master_alive_at: float,
+) -> dict[str, Any]:
+    """The `health` message for the http child: one entry per wanted spec, named as in the
+    logs, with `pid` None while the spec waits to be restarted. Children being stopped are
+    left out: their specs are either retired or already filled by a replacement."""
+    by_spec = {c.spec: c for c in children if c.stopping_since is None}
+    entries: dict[str, Any] = {}
+    for spec in specs:
+        child = by_spec.get(spec)
+        spec_restarts = _restarts_of(restarts, spec)
+        entries[spec.name] = {
+            "role": spec.kind,
+            "queue": spec.queue,
+            "pid": child.pid if child else None,
+            "booted": bool(child and child.booted),
+            "started_at": child.started_wall if child else None,
+            "busy": child.busy if child else 0,
+            "concurrency": child.concurrency if child else 0,
+            "leader": child.leader if child else None,
+            "restarts": spec_restarts.total,
+            "crash_looping": spec_restarts.crash_looping,
+        }
+    return {
+        "kind": "health",
+        "children": entries,
+        "master_alive_at": master_alive_at,
+        "ready": ready,
+        "stopping": stopping,
+        "status": status,
+    }
