@@ -27,7 +27,7 @@ from jobqd.store.connections import session_conninfo
 from jobqd.store.sql import queries
 from jobqd.tasks import Job, Registry
 from jobqd.tasks import registry as default_registry
-from jobqd.worker.completer import acknowledge
+from jobqd.worker.completer import complete
 from jobqd.worker.executor import (
     DEAD,
     QUEUED,
@@ -179,7 +179,7 @@ def drain(
                         outcomes.append(Outcome(job, DEAD, error=_ignored(job)))
                     else:
                         outcomes.append(executor.run(job))
-                acknowledge(conn, sql, outcomes)
+                complete(conn, sql, outcomes)
                 for o in outcomes:
                     counts[o.state] = counts.get(o.state, 0) + 1
         finally:

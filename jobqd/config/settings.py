@@ -344,7 +344,7 @@ class QueueSettings:
     delivery: str = _key("at_least_once", _choice("at_least_once", "at_most_once"))
     max_jobs_per_process: int | None = _key(None, _integer(1))  # then the process is replaced
     max_memory: int | None = _key(None, _size)  # bytes of RSS, then the process is replaced
-    completion_batch: int = _key(100, _integer(1))  # outcomes per acknowledge statement
+    completion_batch: int = _key(100, _integer(1))  # outcomes per complete statement
     completion_interval: float = _key(0.005, _duration())  # longest wait to fill a batch
     events: bool | None = _key(None, _boolean)  # job end events; None: as jobqctl events set
     retention: QueueRetention = _section(QueueRetention)

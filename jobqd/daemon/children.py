@@ -34,27 +34,27 @@ RESTART_BACKOFF = Backoff(kind="exponential", base=0.5, cap=30.0, jitter=0.1)
 """Delay before restarting a child that exited on its own: 0.5 s, 1 s, 2 s ... 30 s."""
 
 Ident = tuple[str, str | None, int]
-"""A spec's identity across restarts and reloads: kind, queue, slot."""
+"""A spec's identity across restarts and reloads: kind, queue, index."""
 
 
 @dataclass(frozen=True, slots=True)
 class ChildSpec:
-    """One process the master wants: its kind, queue and slot (its identity across restarts
+    """One process the master wants: its kind, queue and index (its identity across restarts
     and reloads) and `key`, the part of the settings it runs with (equal keys: same child)."""
 
     kind: str
     queue: str | None = None
-    slot: int = 0
+    index: int = 0
     key: Any = None
 
     @property
     def ident(self) -> Ident:
-        return (self.kind, self.queue, self.slot)
+        return (self.kind, self.queue, self.index)
 
     @property
     def name(self) -> str:
         """`worker emails#1`, `maintenance`, `http`: the title and the name in logs."""
-        return f"{self.kind} {self.queue}#{self.slot}" if self.kind == WORKER else self.kind
+        return f"{self.kind} {self.queue}#{self.index}" if self.kind == WORKER else self.kind
 
 
 def _shared(settings: Settings) -> tuple[Any, ...]:

@@ -29,7 +29,7 @@ class Booted:
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    """What a child reports every second; `metrics` is a `Registry.snapshot_delta()`."""
+    """What a child reports every second; `metrics` is a `MetricStore.snapshot_delta()`."""
 
     busy: int | None = None
     concurrency: int | None = None

@@ -129,8 +129,8 @@ class ChildContext:
     parent_pid: int
     on_title: Callable[[str], None]
     queue: str | None = None
-    slot: int = 0
-    orphans: tuple[int, ...] = ()  # worker: rows of this queue's workers that died
+    index: int = 0
+    dead_workers: tuple[int, ...] = ()  # worker: rows of this queue's workers that died
     feed_fd: int | None = None  # http: the read end of the master's feed
 
 

@@ -16,12 +16,13 @@ settings changed.
 Child -> master messages (jobqd.daemon.ipc, one JSON object per line):
   `booted {role, process_id?, queue?}` once the child is ready for work;
   `status {busy?, concurrency?, leader?, metrics?}` periodically; `metrics` is a
-  `Registry.snapshot_delta()` merged into the master's totals, `leader` (maintenance) is a bool.
+  `MetricStore.snapshot_delta()` merged into the master's totals, `leader` (maintenance) is a bool.
 
 Master -> http child messages, on the pipe whose read end is the http child's `feed_fd`:
   every `FEED_INTERVAL` seconds (and right after the child starts) the whole state, so a lost
   or dropped message never matters and the child only keeps the latest of each kind:
-  `{"kind": "metrics", "snapshot": <Registry.snapshot()>}` (load it into an empty registry) and
+  `{"kind": "metrics", "snapshot": <MetricStore.snapshot()>}` (load it into an empty
+  MetricStore) and
   `{"kind": "health", "master_alive_at": <unix time>, "ready": bool, "stopping": bool,
   "status": <the STATUS= line>, "children": {<name>: {"role", "queue", "pid", "booted",
   "started_at", "busy", "concurrency", "leader", "restarts", "crash_looping"}}}` where `pid` is
@@ -65,7 +66,7 @@ from jobqd.daemon.reload import plan_reload
 from jobqd.errors import EXIT_BOOT_FAILED, EXIT_FAILURE, EXIT_OK, EXIT_RECYCLE
 from jobqd.observe import sdnotify
 from jobqd.observe.logs import setup_logging
-from jobqd.observe.metrics import Registry, define_jobqd_metrics
+from jobqd.observe.metrics import MetricStore, define_jobqd_metrics
 from jobqd.observe.proctitle import set_title
 
 log = logging.getLogger("jobqd.master")
@@ -110,8 +111,8 @@ class Supervisor:
         self.specs: list[ChildSpec] = specs_for(settings)
         self.children: dict[int, Child] = {}
         self.restarts: dict[Ident, Restarts] = {}
-        self.registry = Registry()
-        self.metrics = define_jobqd_metrics(self.registry)
+        self.metric_store = MetricStore()
+        self.metrics = define_jobqd_metrics(self.metric_store)
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -125,7 +126,7 @@ class Supervisor:
         self._worker_booted = False
         # Per queue, the process ids of worker children that died: the next worker of the
         # queue takes their jobs back at once.
-        self._orphans: dict[str, list[int]] = {}
+        self._dead_workers: dict[str, list[int]] = {}
         self._status = ""
         self._reload_failed = False
         self._watchdog = sdnotify.watchdog_interval()
@@ -271,14 +272,16 @@ class Supervisor:
             feed_read, feed_write = os.pipe()
             with contextlib.suppress(OSError):
                 fcntl.fcntl(feed_write, _F_SETPIPE_SZ, _FEED_PIPE_SIZE)
-        orphans = tuple(self._orphans.pop(spec.queue or "", ())) if spec.kind == WORKER else ()
+        dead_workers = (
+            tuple(self._dead_workers.pop(spec.queue or "", ())) if spec.kind == WORKER else ()
+        )
         signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
-            if orphans:
-                self._orphans.setdefault(spec.queue or "", []).extend(orphans)
+            if dead_workers:
+                self._dead_workers.setdefault(spec.queue or "", []).extend(dead_workers)
             for fd in (read_fd, write_fd, feed_read, feed_write):
                 if fd is not None:
                     os.close(fd)
@@ -288,7 +291,7 @@ class Supervisor:
         if pid == 0:
             own_ends = [read_fd] if feed_write is None else [read_fd, feed_write]
             run_and_exit(
-                lambda: self._child_main(spec, write_fd, feed_read, own_ends, orphans),
+                lambda: self._child_main(spec, write_fd, feed_read, own_ends, dead_workers),
                 spec.name,
                 {"child": spec.name},
             )
@@ -315,7 +318,7 @@ class Supervisor:
         write_fd: int,
         feed_fd: int | None,
         master_ends: list[int],
-        orphans: tuple[int, ...],
+        dead_workers: tuple[int, ...],
     ) -> int:
         """Runs in the forked child: clean up what came from the master, then serve. The
         master's ends of this child's own pipes are closed too, so that a dead master shows
@@ -335,7 +338,7 @@ class Supervisor:
             log_format=self.settings.log.format,
             log_level=self.settings.log.level,
         )
-        self.registry.reset()
+        self.metric_store.reset()
         context = ChildContext(
             settings=self.settings,
             dsn=self.dsn,
@@ -343,8 +346,8 @@ class Supervisor:
             parent_pid=self.pid,
             on_title=set_title,
             queue=spec.queue,
-            slot=spec.slot,
-            orphans=orphans,
+            index=spec.index,
+            dead_workers=dead_workers,
             feed_fd=feed_fd,
         )
         return role_entry(spec.kind)(context)
@@ -379,7 +382,7 @@ class Supervisor:
                 if leader is not None:
                     child.leader = leader
                 if metrics is not None:
-                    self.registry.merge(metrics, source=child.source)
+                    self.metric_store.merge(metrics, source=child.source)
 
     def _reap(self) -> None:
         while True:
@@ -400,13 +403,13 @@ class Supervisor:
         if child.listening:
             self.selector.unregister(child.fd)
         child.close()
-        self.registry.forget(child.source)
+        self.metric_store.forget(child.source)
         how, fields = describe_exit(status, killed_by_us=child.killed)
         fields.update(child.fields())
         if child.spec.kind == WORKER and child.process_id is not None:
-            # Gone for sure: whatever it still held can be given back without waiting for
+            # Gone for sure: whatever it still held can be released without waiting for
             # leases to expire. (A worker that exited cleanly held nothing: a no-op.)
-            self._orphans.setdefault(child.spec.queue or "", []).append(child.process_id)
+            self._dead_workers.setdefault(child.spec.queue or "", []).append(child.process_id)
         if child.stopping_since is not None or self._stopping is not None:
             log.info("%s exited: %s", child.spec.name, how, extra=fields)
             return
@@ -647,7 +650,7 @@ class Supervisor:
                 feed.flush()
             return
         self._next_feed = now + FEED_INTERVAL
-        metrics = {"kind": "metrics", "snapshot": self.registry.snapshot()}
+        metrics = {"kind": "metrics", "snapshot": self.metric_store.snapshot()}
         health = self.health()
         for feed in feeds:
             feed.send(metrics, health)

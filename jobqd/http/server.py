@@ -2,7 +2,7 @@
 
 The master cannot serve HTTP itself (it forks at any time, so it runs no threads and holds no
 database connection); it feeds this child instead, over `feed_fd`, one JSON object per line:
-`metrics` (the node's aggregated counters, a full `Registry.snapshot()`) and `health` (the
+`metrics` (the node's aggregated counters, a full `MetricStore.snapshot()`) and `health` (the
 children and when the master last turned its loop). EOF on the feed means the master is gone.
 Database gauges (jobs per queue and state, oldest due job) are counted here with sessions of
 this child's own and cached for `GAUGE_TTL`, so a scrape costs at most one query a second.
@@ -44,7 +44,7 @@ from jobqd.config.durations import parse_duration
 from jobqd.daemon.ipc import Sender, Status
 from jobqd.daemon.lifecycle import STATUS_INTERVAL, ChildContext, ChildProcess, Stopping
 from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError, first_line
-from jobqd.observe.metrics import CONTENT_TYPE, Registry, define_jobqd_metrics
+from jobqd.observe.metrics import CONTENT_TYPE, MetricStore, define_jobqd_metrics
 from jobqd.store import admin, migrate
 from jobqd.store import jobs as job_rows
 from jobqd.store.connections import connect
@@ -196,12 +196,12 @@ class App:
 
     def metrics(self) -> str:
         snapshot, _, _ = self.feed.state()
-        registry = Registry()
-        metrics = define_jobqd_metrics(registry)
-        database_up = registry.gauge(
+        store = MetricStore()
+        metrics = define_jobqd_metrics(store)
+        database_up = store.gauge(
             "jobqd_database_up", "1 when this node's http process could count jobs, else 0."
         )
-        registry.merge(snapshot)
+        store.merge(snapshot)
         counted = self._gauges.get()
         database_up.set(0 if counted is None else 1)
         if counted is not None:
@@ -210,7 +210,7 @@ class App:
                 metrics.queue_jobs.set(jobs, queue, state)
             for queue, age in oldest.items():
                 metrics.queue_oldest_job_age.set(age, queue)
-        return registry.render()
+        return store.render()
 
     def healthz(self) -> tuple[HTTPStatus, dict[str, Any]]:
         _, health, fed_at = self.feed.state()

@@ -41,7 +41,7 @@ from jobqd.maintenance.duty import Duty
 from jobqd.maintenance.leader import LeaderSession, LeadershipLost, PoolerDetected, ensure_direct
 from jobqd.maintenance.pruner import Pruner
 from jobqd.maintenance.reaper import Reaper
-from jobqd.observe.metrics import Registry, define_jobqd_metrics
+from jobqd.observe.metrics import MetricStore, define_jobqd_metrics
 from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.maintenance")
@@ -69,8 +69,8 @@ class Maintenance(ChildProcess):
             on_title=on_title,
             row=ProcessRow(self.sql, "maintenance"),
         )
-        self.registry = Registry()
-        self.metrics = define_jobqd_metrics(self.registry)
+        self.metric_store = MetricStore()
+        self.metrics = define_jobqd_metrics(self.metric_store)
         name = f"{settings.database.application_name} maintenance {socket.gethostname()}"
         self.session = LeaderSession(
             dsn,
@@ -233,7 +233,7 @@ class Maintenance(ChildProcess):
         self._next_status = time.monotonic() + STATUS_INTERVAL
         self.metrics.leader.set(1 if self.leader else 0)
         if self.sender is not None:
-            self.send(Status(leader=self.leader, metrics=self.registry.snapshot_delta()))
+            self.send(Status(leader=self.leader, metrics=self.metric_store.snapshot_delta()))
 
     def _shutdown(self) -> None:
         if self.leader:

@@ -1,9 +1,9 @@
-"""The reaper: takes back the jobs of workers that are gone.
+"""The reaper: releases the jobs of workers that are gone.
 
 A running job whose lease expired goes back to `queued` (with a short backoff, its attempt
 spent) or to `dead` when out of attempts or delivered at most once; its error names the worker
 that lost it. A process that stopped heartbeating for longer than `reaper.process_grace` is
-removed, and its leases are revoked at once rather than left to expire; the master does the
+removed, and its leases end at once rather than being left to expire; the master does the
 same through `release` for a worker it saw die. Every statement works on a bounded batch and
 is safe to run twice, or by two leaders at once (`SKIP LOCKED`, and each job's state is
 re-checked under its row lock).
@@ -28,8 +28,8 @@ log = logging.getLogger("jobqd.reaper")
 MAX_BATCHES = 20  # per pass: a backlog beyond batch * MAX_BATCHES waits for the next pass
 
 
-class TakenBack(NamedTuple):
-    """A job whose lease was taken back, as leases_reap_expired returns it."""
+class Released(NamedTuple):
+    """A job whose lease was released, as leases_release_expired returns it."""
 
     job_id: int
     queue: str
@@ -53,18 +53,18 @@ class TakenBack(NamedTuple):
         }
 
 
-def release(conn: psycopg.Connection, sql: Queries, process_ids: Sequence[int]) -> list[TakenBack]:
-    """Take back at once the running jobs of processes known to be dead: their leases end now
+def release(conn: psycopg.Connection, sql: Queries, process_ids: Sequence[int]) -> list[Released]:
+    """Release at once the running jobs of processes known to be dead: their leases end now
     and the expired-lease statement decides each job, so retries, attempt limits and
     at-most-once delivery come out exactly as for a lease that ran out. One transaction (a
     savepoint inside the caller's)."""
     with conn.transaction():
-        revoked = conn.execute(sql.leases_revoke, {"process_ids": list(process_ids)}).rowcount
-        if not revoked:
+        expired = conn.execute(sql.leases_expire_dead, {"process_ids": list(process_ids)}).rowcount
+        if not expired:
             return []
-        # The revoked leases sort first (-infinity), so this batch is theirs.
-        rows = conn.execute(sql.leases_reap_expired, {"batch": revoked}).fetchall()
-    return [TakenBack(*row) for row in rows]
+        # The expired leases sort first (-infinity), so this batch is theirs.
+        rows = conn.execute(sql.leases_release_expired, {"batch": expired}).fetchall()
+    return [Released(*row) for row in rows]
 
 
 @dataclass
@@ -78,12 +78,12 @@ class ReapPass:
     def __bool__(self) -> bool:
         return bool(self.queued or self.dead or self.processes)
 
-    def add(self, jobs: list[TakenBack], metrics: JobqdMetrics | None) -> None:
+    def add(self, jobs: list[Released], metrics: JobqdMetrics | None) -> None:
         for job in jobs:
             (self.dead if job.state == "dead" else self.queued).append(job.job_id)
             if metrics is not None:
                 metrics.lease_expirations.inc(job.queue)
-            log.warning("lease of a lost worker taken back: job %s", job.outcome, extra=job.fields)
+            log.warning("lease of a lost worker released: job %s", job.outcome, extra=job.fields)
 
 
 def run_once(
@@ -98,8 +98,8 @@ def run_once(
         if silent:
             result.add(release(conn, sql, [row[0] for row in silent]), metrics)
     for _ in range(MAX_BATCHES):
-        rows = conn.execute(sql.leases_reap_expired, {"batch": batch}).fetchall()
-        result.add([TakenBack(*row) for row in rows], metrics)
+        rows = conn.execute(sql.leases_release_expired, {"batch": batch}).fetchall()
+        result.add([Released(*row) for row in rows], metrics)
         if len(rows) < batch:
             break
     if silent:

@@ -1,14 +1,14 @@
 """Counters, gauges and histograms added up in the master, rendered as Prometheus text.
 
 The master is forked from and holds no threads, so there is no shared memory between
-processes: each child counts into its own :class:`Registry` and sends
-:meth:`Registry.snapshot_delta` up its pipe with its heartbeat; the master
-:meth:`Registry.merge` s those deltas into totals that outlive child restarts, and
-:meth:`Registry.render` gives the ``/metrics`` body (text format 0.0.4).
+processes: each child counts into its own :class:`MetricStore` and sends
+:meth:`MetricStore.snapshot_delta` up its pipe with its heartbeat; the master
+:meth:`MetricStore.merge` s those deltas into totals that outlive child restarts, and
+:meth:`MetricStore.render` gives the ``/metrics`` body (text format 0.0.4).
 
 Gauges are absolute values. The master keeps, per gauge sample, the last value each
 *source* (child) reported and renders their sum, so that two workers of one queue add up;
-call :meth:`Registry.forget` when a child exits. Without a source, the last write wins.
+call :meth:`MetricStore.forget` when a child exits. Without a source, the last write wins.
 
 Why not prometheus_client: its multiprocess mode keeps one mmap file per process and metric
 in a shared directory that must be wiped at start and pruned when a child dies, and it cannot
@@ -276,11 +276,11 @@ class Histogram(_Family):
 _F = TypeVar("_F", bound=_Family)
 
 
-class Registry:
+class MetricStore:
     """The metric families of one process, by name, in declaration order.
 
     Each process needs its own values: a child forked from the master must :meth:`reset`
-    (or build a new registry) before counting, or it would send the master's totals back.
+    (or build a new MetricStore) before counting, or it would send the master's totals back.
     """
 
     def __init__(self) -> None:
@@ -325,7 +325,7 @@ class Registry:
     def snapshot(self) -> Delta:
         """Everything, in the delta format, without resetting; gauges as rendered.
 
-        Merged into an empty registry it reproduces this one: how the master feeds a freshly
+        Merged into an empty MetricStore it reproduces this one: how the master feeds a freshly
         started ``http`` child before forwarding further deltas.
         """
         snap: Delta = {}
@@ -412,57 +412,57 @@ class JobqdMetrics:
     up: Gauge
 
 
-def define_jobqd_metrics(registry: Registry) -> JobqdMetrics:
-    """Declare jobqd's metrics on ``registry``; the same in every process, so deltas match."""
+def define_jobqd_metrics(store: MetricStore) -> JobqdMetrics:
+    """Declare jobqd's metrics on ``store``; the same in every process, so deltas match."""
     job = ("queue", "task")
     return JobqdMetrics(
-        jobs_started=registry.counter(
+        jobs_started=store.counter(
             "jobqd_jobs_started_total", "Attempts started: jobs claimed and handed to a slot.", job
         ),
-        jobs_succeeded=registry.counter(
+        jobs_succeeded=store.counter(
             "jobqd_jobs_succeeded_total", "Attempts that returned without raising.", job
         ),
-        jobs_failed=registry.counter("jobqd_jobs_failed_total", "Attempts that raised.", job),
-        jobs_retried=registry.counter(
+        jobs_failed=store.counter("jobqd_jobs_failed_total", "Attempts that raised.", job),
+        jobs_retried=store.counter(
             "jobqd_jobs_retried_total", "Failed attempts put back in the queue to run again.", job
         ),
-        jobs_dead=registry.counter(
+        jobs_dead=store.counter(
             "jobqd_jobs_dead_total", "Jobs marked dead: out of attempts or discarded.", job
         ),
-        job_duration=registry.histogram(
+        job_duration=store.histogram(
             "jobqd_job_duration_seconds",
             "Time an attempt ran in its slot, whatever its outcome.",
             job,
             DURATION_BUCKETS,
         ),
-        lease_expirations=registry.counter(
+        lease_expirations=store.counter(
             "jobqd_lease_expirations_total",
             "Running jobs whose lease expired and which the reaper took back.",
             ("queue",),
         ),
-        cron_fires=registry.counter(
+        cron_fires=store.counter(
             "jobqd_cron_fires_total", "Cron ticks that enqueued their job.", ("entry",)
         ),
-        child_restarts=registry.counter(
+        child_restarts=store.counter(
             "jobqd_child_restarts_total",
             "Child processes restarted after exiting unexpectedly.",
             ("role",),
         ),
-        queue_jobs=registry.gauge(
+        queue_jobs=store.gauge(
             "jobqd_queue_jobs",
             "Jobs per queue and state, counted in the database.",
             ("queue", "state"),
         ),
-        queue_oldest_job_age=registry.gauge(
+        queue_oldest_job_age=store.gauge(
             "jobqd_queue_oldest_job_age_seconds",
             "How long the oldest due queued job has waited past its run_at.",
             ("queue",),
         ),
-        leader=registry.gauge(
+        leader=store.gauge(
             "jobqd_leader", "1 while this node's maintenance process is the leader, else 0."
         ),
-        workers_busy=registry.gauge(
+        workers_busy=store.gauge(
             "jobqd_workers_busy", "Slots running a job in this node's workers.", ("queue",)
         ),
-        up=registry.gauge("jobqd_up", "1 while the jobqd master is running."),
+        up=store.gauge("jobqd_up", "1 while the jobqd master is running."),
     )

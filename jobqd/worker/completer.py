@@ -1,4 +1,4 @@
-"""Writing a batch of outcomes and counting what was written: the acknowledge half of the
+"""Writing a batch of outcomes and counting what was written: the complete half of the
 hot path, as River's jobcompleter is to its producer.
 
 Plain successes (no result value), the bulk of any busy queue, go through a lean statement
@@ -26,7 +26,7 @@ def _bools(values: list[bool]) -> str:
     return "{" + ",".join("t" if v else "f" for v in values) + "}"
 
 
-def send_acknowledge(
+def send_completions(
     conn: psycopg.Connection, sql: Queries, batch: list[Outcome]
 ) -> list[psycopg.Cursor]:
     """Send the statements that write `batch`; read their results with `written()`. Inside
@@ -37,7 +37,7 @@ def send_acknowledge(
     if plain:
         cursor = conn.cursor()
         cursor.execute(
-            sql.leases_finish_succeeded,
+            sql.leases_complete_succeeded,
             {
                 "ids": int_array([o.job.id for o in plain]),
                 "tokens": int_array([o.job.lease_token for o in plain]),
@@ -47,7 +47,7 @@ def send_acknowledge(
     if other:
         cursor = conn.cursor()
         cursor.execute(
-            sql.leases_finish,
+            sql.leases_complete,
             {
                 "ids": int_array([o.job.id for o in other]),
                 "tokens": int_array([o.job.lease_token for o in other]),
@@ -67,10 +67,10 @@ def written(cursors: list[psycopg.Cursor]) -> set[int]:
     return {row[0] for cursor in cursors for row in cursor.fetchall()}
 
 
-def acknowledge(conn: psycopg.Connection, sql: Queries, batch: list[Outcome]) -> set[int]:
+def complete(conn: psycopg.Connection, sql: Queries, batch: list[Outcome]) -> set[int]:
     """Write the outcomes in one round trip; return the ids written."""
     with conn.pipeline():
-        cursors = send_acknowledge(conn, sql, batch)
+        cursors = send_completions(conn, sql, batch)
     return written(cursors)
 
 
@@ -84,7 +84,7 @@ class Completer:
         self.metrics = metrics
 
     def send(self, conn: psycopg.Connection, batch: list[Outcome]) -> list[psycopg.Cursor]:
-        return send_acknowledge(conn, self.sql, batch)
+        return send_completions(conn, self.sql, batch)
 
     def record(self, batch: list[Outcome], cursors: list[psycopg.Cursor]) -> None:
         """Read what was written and count it: one counter update per task, not per job. An

@@ -34,8 +34,7 @@ from jobqd.daemon.lifecycle import (
 )
 from jobqd.errors import EXIT_RECYCLE
 from jobqd.maintenance import reaper
-from jobqd.observe.metrics import Registry as MetricsRegistry
-from jobqd.observe.metrics import define_jobqd_metrics
+from jobqd.observe.metrics import MetricStore, define_jobqd_metrics
 from jobqd.store.connections import connect, subscribe
 from jobqd.store.sql import int_array, queries
 from jobqd.tasks import Job, Registry
@@ -75,8 +74,8 @@ class WorkerConfig:
     events: bool | None
     shutdown_timeout: float
     statement_timeout: float
-    orphans: tuple[int, ...] = ()  # process ids of this queue's workers the master saw die
-    slot: int = 0
+    dead_workers: tuple[int, ...] = ()  # process ids of this queue's workers the master saw die
+    index: int = 0
 
     @property
     def heartbeat_interval(self) -> float:
@@ -84,12 +83,12 @@ class WorkerConfig:
 
     @classmethod
     def from_settings(
-        cls, dsn: str, settings: Any, queue: str, slot: int = 0, orphans: tuple[int, ...] = ()
+        cls, dsn: str, settings: Any, queue: str, index: int = 0, dead_workers: tuple[int, ...] = ()
     ) -> WorkerConfig:
         q = settings.queues[queue]
         return cls(
             dsn=dsn,
-            orphans=orphans,
+            dead_workers=dead_workers,
             schema=settings.database.schema,
             queue=queue,
             concurrency=q.concurrency,
@@ -108,7 +107,7 @@ class WorkerConfig:
             events=q.events,
             shutdown_timeout=settings.shutdown_timeout,
             statement_timeout=settings.database.statement_timeout,
-            slot=slot,
+            index=index,
         )
 
 
@@ -148,8 +147,8 @@ class Worker(ChildProcess):
         self.executor = Executor(
             registry, Policy(config.max_attempts, config.backoff, config.timeout)
         )
-        self.metrics_registry = MetricsRegistry()
-        self.metrics = define_jobqd_metrics(self.metrics_registry)
+        self.metric_store = MetricStore()
+        self.metrics = define_jobqd_metrics(self.metric_store)
         self.inflight = InFlight(config.concurrency)
         self.completer = Completer(self.sql, config.queue, self.metrics)
         self._ready: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
@@ -178,7 +177,7 @@ class Worker(ChildProcess):
     # -- connections ----------------------------------------------------------------------
 
     def _app_name(self) -> str:
-        return f"jobqd worker {self.config.queue}#{self.config.slot}"
+        return f"jobqd worker {self.config.queue}#{self.config.index}"
 
     def _db(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -219,19 +218,19 @@ class Worker(ChildProcess):
             self._listen = None
 
     def fields(self) -> dict[str, Any]:
-        return {"queue": self.config.queue, "slot": self.config.slot}
+        return {"queue": self.config.queue, "index": self.config.index}
 
     def metadata(self) -> dict[str, Any]:
         return {
-            "slot": self.config.slot,
+            "index": self.config.index,
             "busy": self.inflight.busy,
             "concurrency": self.config.concurrency,
         }
 
     # -- life -----------------------------------------------------------------------------
 
-    def take_back(self, process_ids: tuple[int, ...]) -> None:
-        """Give back at once the jobs of predecessors the master saw die, rather than leave
+    def release_dead(self, process_ids: tuple[int, ...]) -> None:
+        """Release at once the jobs of predecessors the master saw die, rather than leave
         them to the reaper when their leases expire: a dead process cannot write any more.
         They go through the reaper's own function, so retries, attempt limits and
         at-most-once delivery are decided exactly as for an expired lease."""
@@ -242,7 +241,7 @@ class Worker(ChildProcess):
                 db.execute(self.sql.processes_deregister, {"process_id": process_id})
         for job in jobs:
             log.warning(
-                "job of a worker process that died taken back: %s", job.outcome, extra=job.fields
+                "job of a worker process that died released: %s", job.outcome, extra=job.fields
             )
 
     def sync_definitions(self) -> None:
@@ -276,8 +275,8 @@ class Worker(ChildProcess):
 
     def run(self) -> int:
         """Serve the queue until stopped; returns the process exit code."""
-        if self.config.orphans:
-            self.take_back(self.config.orphans)
+        if self.config.dead_workers:
+            self.release_dead(self.config.dead_workers)
         self.register(self._db())
         self.sync_definitions()
         self.send_booted()
@@ -371,14 +370,14 @@ class Worker(ChildProcess):
     # -- the hot path ---------------------------------------------------------------------
 
     def _exchange(self, claim: bool) -> None:
-        """One round trip: acknowledge what finished and, if there is room, claim more, in
+        """One round trip: complete what finished and, if there is room, claim more, in
         one transaction (one commit) through pipeline mode."""
         batch = self.inflight.take()
         limit = self._claim_limit() if claim else 0
         db = self._db()
         try:
             with db.transaction(), db.pipeline():
-                acks = self.completer.send(db, batch) if batch else []
+                completions = self.completer.send(db, batch) if batch else []
                 if limit:
                     claimed = db.cursor()
                     claimed.execute(
@@ -394,7 +393,7 @@ class Worker(ChildProcess):
             self.inflight.put_back(batch)  # not written: keep them for the next try
             raise
         if batch:
-            self.completer.record(batch, acks)
+            self.completer.record(batch, completions)
             # A job retried or snoozed for less than a poll interval gets no NOTIFY when it
             # comes due: look again when it does rather than at the next poll.
             soon = [o.delay for o in batch if o.state == QUEUED and o.delay is not None]
@@ -478,7 +477,7 @@ class Worker(ChildProcess):
         self.inflight.lose(job)
         job.cancel(LEASE_LOST)
         log.warning(
-            "lease lost: the job was cancelled or taken back; its outcome will not be written",
+            "lease lost: the job was cancelled or released; its outcome will not be written",
             extra=job.log_fields(),
         )
 
@@ -541,7 +540,7 @@ class Worker(ChildProcess):
 
     def _set_title(self) -> None:
         self.on_title(
-            f"worker {self.config.queue}#{self.config.slot} "
+            f"worker {self.config.queue}#{self.config.index} "
             f"{self.inflight.busy}/{self.config.concurrency}"
         )
 
@@ -553,7 +552,7 @@ class Worker(ChildProcess):
                 Status(
                     busy=busy,
                     concurrency=self.config.concurrency,
-                    metrics=self.metrics_registry.snapshot_delta(),
+                    metrics=self.metric_store.snapshot_delta(),
                 )
             )
 
@@ -636,7 +635,9 @@ def serve_child(child: ChildContext) -> int:
     settings = child.settings
     assert child.queue is not None
     return serve(
-        WorkerConfig.from_settings(child.dsn, settings, child.queue, child.slot, child.orphans),
+        WorkerConfig.from_settings(
+            child.dsn, settings, child.queue, child.index, child.dead_workers
+        ),
         imports=settings.imports,
         commands=settings.tasks,
         sender=child.sender,

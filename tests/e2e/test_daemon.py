@@ -70,7 +70,7 @@ def test_killed_worker_is_restarted_and_its_job_runs_again_at_once(jobqd, ledger
     assert runs == [(1, worker), (2, replacement)]
     assert error[0]["kind"] == "LeaseExpired" and f"pid {worker}" in error[0]["message"]
     assert dead_rows == 0, "the dead worker's registration is removed"
-    assert daemon.find_log(lambda r: r.get("job_id") == job and "taken back" in r["message"])
+    assert daemon.find_log(lambda r: r.get("job_id") == job and "released" in r["message"])
 
 
 def test_a_hung_worker_is_killed_after_child_timeout_and_its_job_runs_again(jobqd, ledger):

@@ -22,7 +22,7 @@ from helpers import scalar, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobqd import Client
-from jobqd.observe.metrics import Registry, define_jobqd_metrics
+from jobqd.observe.metrics import MetricStore, define_jobqd_metrics
 from jobqd.store.migrate import migrate
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -174,8 +174,8 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
 
 
 def test_metrics_health_and_exit_on_eof(children, dsn):
-    registry = Registry()
-    metrics = define_jobqd_metrics(registry)
+    store = MetricStore()
+    metrics = define_jobqd_metrics(store)
     metrics.jobs_succeeded.inc("default", "t", amount=7)
     metrics.job_duration.observe(0.02, "default", "t")
     metrics.job_duration.observe(3.0, "default", "t")
@@ -185,7 +185,7 @@ def test_metrics_health_and_exit_on_eof(children, dsn):
         client.pause("idle")
     child = children(dsn)
     assert child.call("/healthz")[0] == 503  # nothing from the master yet
-    child.start_feeding(registry.snapshot())
+    child.start_feeding(store.snapshot())
     wait_for(lambda: child.call("/healthz")[0] == 200, what="healthz after the first feed")
 
     status, text = child.call("/metrics")

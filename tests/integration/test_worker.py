@@ -44,7 +44,7 @@ def states(dsn):
 
 def reap(dsn):
     with psycopg.connect(dsn, autocommit=True) as c:
-        return c.execute(queries("jobqd").leases_reap_expired, {"batch": 1000}).fetchall()
+        return c.execute(queries("jobqd").leases_release_expired, {"batch": 1000}).fetchall()
 
 
 def test_workers_drain_ten_thousand_jobs_exactly_once(db, workers):
@@ -149,7 +149,7 @@ def test_sigkilled_worker_jobs_run_again_after_lease_expiry(db, workers):
         wait_for(lambda: states(db) == {"running": 3}, what="claimed")
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(5)
-        assert reap(db) == []  # leases still valid: nothing to take back yet
+        assert reap(db) == []  # leases still valid: nothing to release yet
         wait_for(lambda: reap(db), timeout=5, what="leases expired and reaped")
         assert states(db) == {"queued": 3}
         info = client.get(ids[0])
@@ -330,7 +330,7 @@ def test_a_replacement_takes_back_a_dead_predecessors_jobs(db, workers, delivery
         assert reap(db) == []  # a 10-minute lease: the reaper alone would wait
 
         # Its first retry is due in 1 s; a long poll keeps the replacement from rerunning it.
-        start_worker(workers, db, delivery=delivery, orphans=(dead_id,), poll_interval=30)
+        start_worker(workers, db, delivery=delivery, dead_workers=(dead_id,), poll_interval=30)
         wait_for(lambda: client.get(job).state == expected, timeout=10, what=expected)
         info = client.get(job)
         assert "lease expired" in info.last_error and f"process {dead_id}" in info.last_error

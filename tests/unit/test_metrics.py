@@ -7,14 +7,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobqd.observe.metrics import (
     DURATION_BUCKETS,
     JobqdMetrics,
-    Registry,
+    MetricStore,
     define_jobqd_metrics,
 )
 
 
-def _process() -> tuple[Registry, JobqdMetrics]:
-    registry = Registry()
-    return registry, define_jobqd_metrics(registry)
+def _process() -> tuple[MetricStore, JobqdMetrics]:
+    store = MetricStore()
+    return store, define_jobqd_metrics(store)
 
 
 def _via_pipe(delta: dict) -> dict:
@@ -124,18 +124,18 @@ def test_histogram_buckets_are_cumulative_after_merge():
 
 
 def test_label_values_are_escaped():
-    registry, m = _process()
+    store, m = _process()
     nasty = 'a"b\\c\nd'
     m.jobs_dead.inc(nasty, "t")
-    text = registry.render()
+    text = store.render()
     assert 'queue="a\\"b\\\\c\\nd"' in text
     assert _samples(text)[("jobqd_jobs_dead_total", (("queue", nasty), ("task", "t")))] == 1
 
 
 def test_render_is_valid_exposition():
-    registry, m = _process()
+    store, m = _process()
     m.cron_fires.inc("nightly-report")
-    text = registry.render()
+    text = store.render()
 
     assert text.endswith("\n") and "\n\n" not in text
     assert "# TYPE jobqd_jobs_started_total counter" in text
@@ -176,12 +176,12 @@ def test_snapshot_reproduces_totals_in_a_fresh_registry():
 
 
 def test_reset_zeroes_values():
-    registry, m = _process()
+    store, m = _process()
     m.jobs_started.inc("q", "t")
     m.workers_busy.set(1, "q")
-    registry.reset()
-    assert registry.snapshot_delta() == {}
-    assert "jobqd_jobs_started_total{" not in registry.render()
+    store.reset()
+    assert store.snapshot_delta() == {}
+    assert "jobqd_jobs_started_total{" not in store.render()
 
 
 def test_malformed_delta_is_skipped_not_raised(caplog):
@@ -212,23 +212,23 @@ def test_wrong_label_count_raises():
 
 
 def test_declarations_are_validated():
-    registry = Registry()
+    store = MetricStore()
     with pytest.raises(ValueError, match="_total"):
-        registry.counter("jobqd_things", "x")
+        store.counter("jobqd_things", "x")
     with pytest.raises(ValueError):
-        registry.histogram("h", "x", ("le",), (1,))
+        store.histogram("h", "x", ("le",), (1,))
     with pytest.raises(ValueError):
-        registry.histogram("h", "x", (), (1, 1))
+        store.histogram("h", "x", (), (1, 1))
     with pytest.raises(ValueError):
-        registry.gauge("bad-name", "x")
-    counter = registry.counter("jobqd_things_total", "x", ("queue",))
-    assert registry.counter("jobqd_things_total", "x", ("queue",)) is counter
+        store.gauge("bad-name", "x")
+    counter = store.counter("jobqd_things_total", "x", ("queue",))
+    assert store.counter("jobqd_things_total", "x", ("queue",)) is counter
     with pytest.raises(ValueError):
-        registry.counter("jobqd_things_total", "x", ("task",))
+        store.counter("jobqd_things_total", "x", ("task",))
 
 
 def test_concurrent_increments_are_not_lost():
-    registry, m = _process()
+    store, m = _process()
 
     def work() -> None:
         for _ in range(10_000):
@@ -240,6 +240,6 @@ def test_concurrent_increments_are_not_lost():
         thread.start()
     for thread in threads:
         thread.join()
-    samples = _samples(registry.render())
+    samples = _samples(store.render())
     assert samples[("jobqd_jobs_started_total", (("queue", "q"), ("task", "t")))] == 80_000
     assert samples[("jobqd_job_duration_seconds_count", (("queue", "q"), ("task", "t")))] == 80_000

@@ -312,17 +312,17 @@ def test_a_dead_workers_process_id_goes_to_the_next_worker_of_its_queue(master, 
     boot(master, worker, process_id=77)
     processes.exit(worker.pid, signal.SIGKILL)
     master._reap()
-    assert master._orphans == {"a": [77]}
+    assert master._dead_workers == {"a": [77]}
 
     processes.fork_error = OSError(11, "Resource temporarily unavailable")
     clock.now = master.restarts[worker.spec.ident].next_start
     master._converge(clock.now)
-    assert master._orphans == {"a": [77]}  # kept for the next try, one second later
+    assert master._dead_workers == {"a": [77]}  # kept for the next try, one second later
     assert master.restarts[worker.spec.ident].next_start == clock.now + 1.0
 
     processes.fork_error = None
     restart(master, clock, "worker a#0")
-    assert master._orphans == {}
+    assert master._dead_workers == {}
 
 
 def test_describe_exit_names_the_signal_and_suspects_the_oom_killer():
@@ -596,7 +596,7 @@ def children(*, busy: tuple[int, int] = (1, 3), leader: bool | None = True) -> l
     for pid, spec in enumerate(SPECS, start=100):
         c = Child(spec, pid, -1)
         if spec.kind == WORKER:
-            c.busy, c.concurrency = busy[spec.slot], 4
+            c.busy, c.concurrency = busy[spec.index], 4
         else:
             c.leader = leader
         made.append(c)

@@ -1,6 +1,6 @@
 -- Leases: the hot path. Claim, renew, finish and release are fenced on
 -- (id, lease_token, state = 'running'): a worker that lost its lease can never overwrite
--- the next attempt. Revoke and reap are the leader's (and a replacement worker's) way of
+-- the next attempt. Expiring and releasing are the leader's (and a replacement worker's) way of
 -- taking back jobs whose worker is gone.
 
 -- name: leases_claim
@@ -36,7 +36,7 @@ UPDATE {schema}.jobs j
  WHERE j.id = held.id AND j.lease_token = held.token AND j.state = 'running'
 RETURNING j.id, (SELECT count(*) FROM alive)
 
--- name: leases_finish_succeeded
+-- name: leases_complete_succeeded
 -- The common case of `finish`, kept lean: successes without a result value.
 UPDATE {schema}.jobs j
    SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL, lease_token = NULL,
@@ -45,9 +45,9 @@ UPDATE {schema}.jobs j
  WHERE j.id = o.id AND j.lease_token = o.token AND j.state = 'running'
 RETURNING j.id
 
--- name: leases_finish
+-- name: leases_complete
 -- Write a batch of outcomes. `delays` is seconds from now for re-queued jobs; a snoozed
--- attempt is given back; errors are appended to the capped history.
+-- attempt is not counted; errors are appended to the capped history.
 UPDATE {schema}.jobs j
    SET state = o.state,
        run_at = CASE WHEN o.state = 'queued'
@@ -87,14 +87,14 @@ UPDATE {schema}.jobs j
  WHERE j.id = o.id AND j.lease_token = o.token AND j.state = 'running'
 RETURNING j.id
 
--- name: leases_revoke
+-- name: leases_expire_dead
 -- The leases of silent processes end now rather than at their expiry; reap_expired then
 -- treats those jobs like any other expired lease (first, as -infinity sorts first).
 UPDATE {schema}.jobs SET lease_expires_at = '-infinity'
  WHERE state = 'running' AND lease_expires_at IS NOT NULL
    AND locked_by = ANY(%(process_ids)s::bigint[])
 
--- name: leases_reap_expired
+-- name: leases_release_expired
 -- Running jobs whose lease expired (their worker died or froze) go back to queued after a
 -- short backoff, or to dead when out of attempts or delivered at most once. The error names
 -- the process that lost the job.
