@@ -274,15 +274,21 @@ class Proxy:
 
 
 def launch(
-    directory: Path, dsn: str, config: dict[str, Any], *, ledger_dsn: str | None = None
+    directory: Path,
+    dsn: str,
+    config: dict[str, Any],
+    *,
+    ledger_dsn: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Daemon:
-    """Start `jobqd -c directory/jobqd.yaml` (JSON log in directory/daemon.log) for `config`.
+    """Start `jobqd -c directory/jobqd.yaml` (JSON log in directory/daemon.log) for `config`,
+    with `env` added to its environment.
 
-    The test tasks write their ledger to `ledger_dsn` (default `dsn`): give the server's own
+    The test tasks reach the database at `ledger_dsn` (default `dsn`): give the server's own
     address when `dsn` goes through a proxy, so the evidence does not share the fault.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    daemon = Daemon(directory, dsn, daemon_env(ledger_dsn or dsn, directory))
+    daemon = Daemon(directory, dsn, daemon_env(ledger_dsn or dsn, directory, **(env or {})))
     daemon.write_config(config)
     return daemon.start()
 
