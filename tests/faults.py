@@ -79,15 +79,26 @@ class Cluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
 
     def _run(self, *command: str, timeout: float = 60) -> None:
-        done = subprocess.run(as_postgres(*command), capture_output=True, timeout=timeout)
+        try:
+            done = subprocess.run(as_postgres(*command), capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{' '.join(command)} timed out\n{self.log_tail()}") from None
         if done.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(command)} failed ({done.returncode}): "
                 f"{done.stderr.decode(errors='replace')}{done.stdout.decode(errors='replace')}"
+                f"\n{self.log_tail()}"
             )
 
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the server's log, for error messages."""
+        if not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join(["--- postgres log ---", *text])
+
     def _pg_ctl(self, *args: str) -> None:
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", *args)
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-t", "30", *args)
 
     def start(self) -> None:
         """Start and wait until it accepts connections."""
@@ -139,22 +150,18 @@ def cluster(**kwargs: Any) -> Iterator[Cluster]:
 
 class _Link:
     """One client connection relayed to the server: two sockets and, per direction, the bytes
-    held back while the proxy is blackholed."""
+    held back while the proxy is blackholed. A link accepted during a blackhole has no server
+    socket until `heal()`: like a SYN lost on a dead path, it never reaches the server."""
 
-    def __init__(self, client: socket.socket, server: socket.socket) -> None:
+    def __init__(self, client: socket.socket, server: socket.socket | None) -> None:
         self.client, self.server = client, server
-        self.held = {client: bytearray(), server: bytearray()}  # keyed by the receiving end
-        self.locks = {client: threading.Lock(), server: threading.Lock()}
-
-    def flush(self, dst: socket.socket) -> None:
-        with self.locks[dst]:
-            if self.held[dst]:
-                data, self.held[dst] = bytes(self.held[dst]), bytearray()
-                with contextlib.suppress(OSError):
-                    dst.sendall(data)
+        self.to_server, self.to_client = bytearray(), bytearray()
+        self.lock = threading.Lock()
 
     def close(self) -> None:
         for sock in (self.client, self.server):
+            if sock is None:
+                continue
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
@@ -168,9 +175,9 @@ class Proxy:
     - `blackhole()`: nothing is forwarded in either direction, but both sockets stay open and
       the kernel keeps acknowledging, as behind a middlebox on a dead path (a half-open link):
       keepalives are answered, only a client-side deadline notices. Bytes sent meanwhile are
-      held and delivered on `heal()`, as TCP would retransmit them once the path is back. A
-      side that closes its socket still closes the other (so a session the client gave up
-      ends on the server).
+      held and delivered on `heal()`, as TCP would retransmit them once the path is back; a
+      connection accepted meanwhile reaches the server only then. A side that closes its
+      socket still closes the other (so a session the client gave up ends on the server).
     - `cut()`: every link is closed, and new connections are closed as soon as accepted,
       until `heal()`.
     - `heal()`: back to `pass`.
@@ -197,7 +204,7 @@ class Proxy:
 
     @property
     def links(self) -> int:
-        """Connections relayed right now."""
+        """Connections relayed (or held) right now."""
         with self._lock:
             return len(self._links)
 
@@ -216,8 +223,11 @@ class Proxy:
         with self._lock:
             links = list(self._links)
         for link in links:
-            link.flush(link.server)
-            link.flush(link.client)
+            if link.server is None and not self._connect(link):
+                continue
+            with link.lock:
+                self._send(link, link.server, link.to_server)
+                self._send(link, link.client, link.to_client)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -239,32 +249,51 @@ class Proxy:
             if self.mode == "cut":
                 client.close()
                 continue
-            try:
-                server = socket.create_connection(self.target, timeout=5)
-                server.settimeout(None)
-            except OSError:
-                client.close()  # the server is down: so is the relay
-                continue
-            link = _Link(client, server)
+            link = _Link(client, None)
             with self._lock:
                 self._links.add(link)
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(
-                    target=self._pump, args=(link, src, dst), name="proxy-pump", daemon=True
-                ).start()
+            self._start(link, client)
+            if self.mode != "blackhole":
+                self._connect(link)
 
-    def _pump(self, link: _Link, src: socket.socket, dst: socket.socket) -> None:
+    def _connect(self, link: _Link) -> bool:
+        """Give a link its server socket; close it when the server is down."""
+        try:
+            server = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            self._drop(link)  # the server is down: so is the relay
+            return False
+        server.settimeout(None)
+        with link.lock:
+            link.server = server
+        self._start(link, server)
+        return True
+
+    def _start(self, link: _Link, src: socket.socket) -> None:
+        threading.Thread(
+            target=self._pump, args=(link, src), name="proxy-pump", daemon=True
+        ).start()
+
+    def _send(self, link: _Link, dst: socket.socket | None, held: bytearray) -> None:
+        """Forward what is held for `dst` (under link.lock)."""
+        if dst is not None and held and self.mode == "pass":
+            data = bytes(held)
+            held.clear()
+            dst.sendall(data)
+
+    def _pump(self, link: _Link, src: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                with link.locks[dst]:
-                    if self.mode == "blackhole":
-                        link.held[dst] += data
-                        continue
-                    if link.held[dst]:
-                        data, link.held[dst] = bytes(link.held[dst]) + data, bytearray()
-                    dst.sendall(data)
+                with link.lock:
+                    towards_server = src is link.client
+                    held = link.to_server if towards_server else link.to_client
+                    held += data
+                    self._send(link, link.server if towards_server else link.client, held)
         except OSError:
             pass
+        self._drop(link)
+
+    def _drop(self, link: _Link) -> None:
         with self._lock:
             self._links.discard(link)
         link.close()

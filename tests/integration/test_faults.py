@@ -87,14 +87,21 @@ def test_blackhole_holds_both_directions_and_keeps_the_link_open(proxy, upstream
         assert server.recv(5) == b"again"
 
 
-def test_new_connections_during_a_blackhole_are_held_too(proxy, upstream):
+def test_a_connection_made_during_a_blackhole_reaches_the_server_on_heal(proxy, upstream):
     proxy.blackhole()
-    client, server = connect(proxy, upstream)
-    with client, server:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
         client.sendall(b"hello")
-        assert silent(server)
+        upstream.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            upstream.accept()  # like a SYN on a dead path: the server never hears of it
+        upstream.settimeout(5)
+        assert silent(client)
         proxy.heal()
-        assert read(server, 5) == b"hello"
+        server, _ = upstream.accept()
+        with server:
+            assert read(server, 5) == b"hello"
+            server.sendall(b"hi")
+            assert read(client, 2) == b"hi"
 
 
 def test_a_side_that_closes_during_a_blackhole_closes_the_other(proxy, upstream):
