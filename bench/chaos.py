@@ -401,6 +401,10 @@ def main() -> int:
                     pg.dsn(), soak.ids, soak.runs_dir, master_kills=tuple(soak.master_kills)
                 )
                 exits = soak.worker_exits()
+            except BaseException:
+                for daemon in soak.daemons.values():
+                    log(f"daemon {daemon.dir.name}, last lines of its log:\n{daemon.tail(40)}")
+                raise
             finally:
                 soak.stop.set()
                 soak.shutdown()

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -48,11 +49,22 @@ def cluster_unavailable() -> str | None:
     return None
 
 
+# Runs beside a cluster in a session of its own: when the process that made the cluster is
+# gone (even SIGKILLed) its end of the pipe closes, and this stops the server and removes it.
+_GUARD = """
+import shutil, subprocess, sys
+sys.stdin.buffer.read()
+subprocess.run(sys.argv[1:-1], capture_output=True, timeout=60)
+shutil.rmtree(sys.argv[-1], ignore_errors=True)
+"""
+
+
 class Cluster:
     """A throw-away PostgreSQL 15 cluster: initdb in a temp dir, a free port of its own.
 
     Use it as a context manager, or call `cleanup()`, which stops the server (immediate) and
-    removes the directory whatever state it is in.
+    removes the directory whatever state it is in; a guard process does the same if the
+    process that made it dies first.
     """
 
     def __init__(self, *, settings: dict[str, str] | None = None, prefix: str = "jobqd-pg-"):
@@ -69,10 +81,18 @@ class Cluster:
             **(settings or {}),
         }
         self.running = False
+        stop = as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+        self._guard = subprocess.Popen(
+            [sys.executable, "-c", _GUARD, *stop, str(self.dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
         except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self.cleanup()
             raise
 
     def dsn(self, dbname: str = "postgres") -> str:
@@ -132,6 +152,10 @@ class Cluster:
                 )
         self.running = False
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._guard.stdin is not None:
+            self._guard.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._guard.wait(60)
 
     def __enter__(self) -> Cluster:
         return self
@@ -156,9 +180,12 @@ class _Link:
     def __init__(self, client: socket.socket, server: socket.socket | None) -> None:
         self.client, self.server = client, server
         self.to_server, self.to_client = bytearray(), bytearray()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self.closed = False
 
     def close(self) -> None:
+        with self.lock:
+            self.closed = True
         for sock in (self.client, self.server):
             if sock is None:
                 continue
@@ -265,7 +292,11 @@ class Proxy:
             return False
         server.settimeout(None)
         with link.lock:
+            if link.closed:  # cut while we connected
+                server.close()
+                return False
             link.server = server
+            self._send(link, server, link.to_server)  # what the client sent while we connected
         self._start(link, server)
         return True
 
@@ -279,7 +310,10 @@ class Proxy:
         if dst is not None and held and self.mode == "pass":
             data = bytes(held)
             held.clear()
-            dst.sendall(data)
+            try:
+                dst.sendall(data)
+            except OSError:
+                link.close()  # both pumps then end, and drop the link
 
     def _pump(self, link: _Link, src: socket.socket) -> None:
         try:
