@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from faults import cluster, cluster_unavailable, free_port
 from helpers import scalar, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,7 +24,6 @@ from jobqd import Client
 from jobqd.observe.metrics import MetricStore, define_jobqd_metrics
 from jobqd.store.migrate import migrate
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 TOKEN = "s3cret-token"
 CHILD = """
 import os, sys
@@ -36,12 +34,6 @@ setup_logging("json", "info", role="http")
 settings = config.load(sys.argv[1])
 sys.exit(http.serve(settings, settings.database.url, feed_fd=int(sys.argv[2])))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def health(booted: bool = True) -> dict:
@@ -309,53 +301,15 @@ def test_api_is_disabled_without_a_token(children, dsn):
 # -- a Postgres cluster of this test's own, to stop and start -----------------------------------
 
 
-def as_postgres(*command: str) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
-
-
 @pytest.fixture
 def own_cluster():
-    if not (PG_BIN / "initdb").exists():
-        pytest.skip(f"needs PostgreSQL server binaries in {PG_BIN}")
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.skip("needs runuser to run PostgreSQL as the postgres user")
-    tmp = Path(tempfile.mkdtemp(prefix="jobqd-http-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(tmp, "postgres", "postgres")
-    data, port = tmp / "data", free_port()
-    subprocess.run(
-        as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"),
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off"
-
-    def pg_ctl(*args: str) -> None:
-        subprocess.run(
-            as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", *args),
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-
-    def start() -> None:
-        pg_ctl("-o", options, "-l", str(tmp / "log"), "start")
-
-    def stop() -> None:
-        pg_ctl("-m", "fast", "stop")
-
-    start()
-    dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        migrate(conn, "jobqd")
-    try:
-        yield dsn, start, stop
-    finally:
-        subprocess.run(
-            as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"),
-            capture_output=True,
-        )
-        shutil.rmtree(tmp, ignore_errors=True)
+    if reason := cluster_unavailable():
+        pytest.skip(reason)
+    with cluster(prefix="jobqd-http-pg-") as pg:
+        dsn = pg.dsn()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            migrate(conn, "jobqd")
+        yield dsn, pg.start, pg.stop
 
 
 def test_readyz_follows_the_database_down_and_back(children, own_cluster):

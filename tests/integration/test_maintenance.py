@@ -17,13 +17,13 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
+from faults import Proxy
 from helpers import scalar, start_worker, wait_for
 from leaders import FAST, claimed_leaders, leader, leader_pid, start
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -103,47 +103,14 @@ def test_terminated_lock_session_steps_down_and_someone_takes_over(db, procs):
     )
 
 
-class FreezingProxy:
-    """A TCP relay to Postgres that can go silent: it keeps both connections open and
-    acknowledged but drops every byte, like a network path that died behind a middlebox. When
-    one side closes, it closes the other."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.frozen = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                if not self.frozen.is_set():
-                    dst.sendall(data)
-        except OSError:
-            pass
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def dsn(self, dsn: str) -> str:
-        return make_conninfo(dsn, host="127.0.0.1", port=str(self.port))
+@pytest.fixture
+def proxy(tcp_db):
+    with Proxy.to(tcp_db) as relay:
+        yield relay
 
 
-def test_leader_behind_a_silent_network_path_steps_down_on_its_own(tcp_db, procs):
+def test_leader_behind_a_silent_network_path_steps_down_on_its_own(tcp_db, proxy, procs):
     db = tcp_db
-    params = conninfo_to_dict(db)
-    proxy = FreezingProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432))
     ctx = multiprocessing.get_context("spawn")
     reader, writer = ctx.Pipe(duplex=False)
     cut_off = start(procs, proxy.dsn(db), FAST, writer)
@@ -156,7 +123,7 @@ def test_leader_behind_a_silent_network_path_steps_down_on_its_own(tcp_db, procs
 
     while receiver.read()[0]:  # what it said while leading
         pass
-    proxy.frozen.set()
+    proxy.blackhole()
     frozen_at = time.monotonic()
     stepped_down = wait_for(
         lambda: any(m["kind"] == "status" and not m["leader"] for m in receiver.read()[0]),
