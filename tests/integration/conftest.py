@@ -30,3 +30,9 @@ def procs() -> Iterator[list[multiprocessing.Process]]:
             os.kill(proc.pid, signal.SIGCONT)
             proc.kill()
         proc.join(5)
+
+
+@pytest.fixture
+def workers(procs: list[multiprocessing.Process]) -> list[multiprocessing.Process]:
+    """Worker processes a test spawned: the same list, and teardown, as `procs`."""
+    return procs

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import pty
-import signal
 import subprocess
 import sys
 
 import psycopg
-import pytest
 from helpers import LEDGER_TABLE, scalar, start_worker, wait_for
 
 from jobqd import Client
@@ -32,18 +30,6 @@ def as_json(*args: str, dsn: str):
     code, out, err = jobqctl(*args, "--json", dsn=dsn)
     assert code == 0, err
     return json.loads(out)
-
-
-@pytest.fixture
-def workers():
-    procs = []
-    yield procs
-    for proc in procs:
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGTERM)
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
 
 
 def set_states(conn: psycopg.Connection, ids: list[int], sql: str) -> None:

@@ -26,17 +26,6 @@ def db(dsn, conn):
     return dsn
 
 
-@pytest.fixture
-def workers():
-    procs = []
-    yield procs
-    for proc in procs:
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-        proc.join(5)
-
-
 def states(dsn):
     with psycopg.connect(dsn) as c:
         return dict(c.execute("SELECT state, count(*) FROM jobqd.jobs GROUP BY state").fetchall())
