@@ -471,6 +471,7 @@ def print_summary(result: dict[str, Any]) -> None:
         ("overlaps, lease valid", checks["overlaps_valid_lease"]),
         ("overlaps, any", checks["overlaps"]),
         ("runs / unexplained", f"{checks['runs']} / {checks['unexplained_runs']}"),
+        ("attempts reused after a release", checks["attempts_reused_after_release"]),
         ("runs gave up / unended", f"{checks['runs_gave_up']} / {checks['runs_unended']}"),
         ("succeeded without effect", checks["succeeded_without_effect"]),
         ("left running / queued", f"{checks['left_running']} / {checks['left_queued']}"),

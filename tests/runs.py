@@ -149,13 +149,23 @@ def audit(
         states[state] = states.get(state, 0) + 1
     wanted = set(ids)
     runs = [r for r in read_runs(runs_dir) if r.job in wanted]
-    seen: set[tuple[int, int]] = set()
-    unexplained = 0
+    # A release (fast stop, drain deadline, a dead worker's jobs) gives a job back without
+    # spending its attempt, so the next run reuses the number: explained when the earlier run
+    # with that number never completed. A reuse after a completed run, or a run numbered past
+    # the job's attempt count, is not.
+    earlier: dict[tuple[int, int], Run] = {}
+    unexplained: list[Run] = []
+    reused = 0
     done: dict[int, list[Run]] = {}
     for r in runs:
-        if (r.job, r.attempt) in seen or r.attempt > jobs.get(r.job, ("", 0))[1]:
-            unexplained += 1
-        seen.add((r.job, r.attempt))
+        before = earlier.get((r.job, r.attempt))
+        if before is not None:
+            reused += 1
+        if (before is not None and before.outcome == "done") or r.attempt > jobs.get(
+            r.job, ("", 0)
+        )[1]:
+            unexplained.append(r)
+        earlier[(r.job, r.attempt)] = r
         if r.outcome == "done":
             done.setdefault(r.job, []).append(r)
     doubled = {job: min(r.end or 0 for r in rs) for job, rs in done.items() if len(rs) > 1}
@@ -173,7 +183,10 @@ def audit(
         "runs_unended": sum(1 for r in runs if r.end is None),
         "overlaps": len(overlaps(runs, valid_only=False)),
         "overlaps_valid_lease": len(overlaps(runs, valid_only=True)),
-        "unexplained_runs": unexplained,
+        "attempts_reused_after_release": reused,
+        "unexplained_runs": len(unexplained),
+        "unexplained_examples": [vars(r) for r in unexplained[:10]],
+        "doubled_examples": sorted(doubled)[:10],
         "doubled": len(doubled),
         "doubled_after_master_kill": len(after_kill),
         "succeeded_without_effect": sum(
