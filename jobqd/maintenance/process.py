@@ -68,11 +68,7 @@ class Outage:
         if self.since is not None:
             return False
         self.since = time.monotonic()
-        log.warning(
-            "database unreachable: %s; waiting and retrying (check that PostgreSQL is up and "
-            "database.url)",
-            reason,
-        )
+        log.warning("database unreachable: %s; waiting and retrying until it answers", reason)
         return True
 
     def ended(self, now_doing: str) -> None:
