@@ -11,6 +11,7 @@ from helpers import LEDGER_DSN_ENV
 
 from jobqd.config.settings import parse
 from jobqd.maintenance.leader import current_leader
+from jobqd.store import admin
 
 FAST = """
 maintenance: {interval: 200ms, standby_retry: 500ms}
@@ -52,10 +53,10 @@ def leader_pid(dsn):
 
 
 def claimed_leaders(dsn, alive):
-    """OS pids of live maintenance processes whose registration says leader."""
+    """OS pids of live maintenance processes that `jobqctl status` shows as leader (its
+    processes list marks the lock holder's row, from pg_locks)."""
     with psycopg.connect(dsn, autocommit=True) as c:
-        rows = c.execute(
-            "SELECT pid FROM jobqd.processes"
-            " WHERE role = 'maintenance' AND (metadata->>'leader')::boolean"
-        ).fetchall()
-    return sorted(pid for (pid,) in rows if pid in alive)
+        listed = admin.status(c, "jobqd")["processes"]
+    return sorted(
+        p["pid"] for p in listed if p["role"] == "maintenance" and p["leader"] and p["pid"] in alive
+    )

@@ -409,6 +409,21 @@ class ReaperSettings:
 class MaintenanceSettings:
     interval: float = _key(1.0, _duration(positive=True))  # the leader's tick
     standby_retry: float = _key(3.0, _duration(positive=True))  # a standby's try for the lock
+    # The server ends a lock session silent this long (a frozen or cut-off leader), which
+    # frees the lock: the bound on how long a lost leader can keep leadership.
+    leader_timeout: float = _key(10.0, _duration(1.0))
+
+    def __post_init__(self) -> None:
+        # The lock session of a healthy leader (every tick) or standby (every try) is never
+        # idle for half the timeout, so the server ends only sessions that truly went silent.
+        slowest = max(self.interval, self.standby_retry)
+        if self.leader_timeout < 2 * slowest:
+            timeout, cadence = format_duration(self.leader_timeout), format_duration(slowest)
+            raise InvalidSetting(
+                "leader_timeout",
+                f"{timeout} is less than twice interval/standby_retry ({cadence}): healthy "
+                "leaders and standbys would be cut off; raise leader_timeout or lower those",
+            )
 
 
 @dataclass(frozen=True, slots=True)

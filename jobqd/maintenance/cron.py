@@ -11,7 +11,8 @@ job in one transaction, and moves the entry's `last_tick` on in that same transa
 tick fires twice, not even with two leaders at once, and none is lost to a failed insert.
 The job gets the entry's args plus `cron_tick`, the tick's instant in ISO 8601 UTC.
 
-After downtime, `misfire` decides what happens to ticks older than the on-time tolerance:
+After downtime, `misfire` decides what happens to ticks older than the on-time tolerance
+(which covers a leader failover, see `on_time`):
 `skip` drops them, `once` fires the latest of them, `all` fires each one within
 `misfire_window` (at most `LIMIT` per pass; the next pass continues). An entry is due from
 when the leader first saw it, so a new entry fires no tick from before it existed, and one
@@ -176,8 +177,13 @@ def _args(entry: CronSettings, tick: datetime) -> str:
 
 def on_time(settings: Settings) -> float:
     """How late a tick may fire and still count as on time: the leader ticks every
-    `maintenance.interval`, so allow two of those, and never less than ON_TIME."""
-    return max(ON_TIME, 2 * settings.maintenance.interval)
+    `maintenance.interval`, so allow two of those, and never less than ON_TIME; and a leader
+    that froze or was cut off keeps the lock up to `leader_timeout`, after which a standby
+    takes over at its next try (`standby_retry`, with jitter), so the ticks of that gap are
+    on time too and fire under every misfire policy."""
+    maintenance = settings.maintenance
+    failover = maintenance.leader_timeout + 2 * maintenance.standby_retry
+    return max(ON_TIME, 2 * maintenance.interval + failover)
 
 
 @dataclass

@@ -2,10 +2,17 @@
 
 Whoever holds the lock is the leader. The session that holds it is also the only one the
 leader writes with, so a write can succeed only while the lock is held: if the session is
-gone the write fails, and if it exists the lock is still there. Liveness is bounded at both
-ends of a network partition: the server drops the session (freeing the lock) after TCP
-keepalives and `tcp_user_timeout` give up, and the old leader stops trusting its leadership
-sooner, when it has not verified the lock for `TRUST_WINDOW` seconds. A statement can also
+gone the write fails, and if it exists the lock is still there. The database, not the leader,
+bounds how long a lost leader keeps the lock: the lock session carries
+`idle_session_timeout` and `tcp_user_timeout` of `maintenance.leader_timeout`, so the server
+ends it once it falls silent (a frozen process, whose kernel still answers keepalives, or a
+partition) and frees the lock; a healthy leader and standby speak on it every tick or try, far
+more often. A frozen leader that resumes finds its session gone at its next statement and
+steps down. The old leader also stops trusting its leadership when it has not verified the
+lock for `TRUST_WINDOW` seconds.
+
+A graceful release NOTIFYs the leader channel, which every standby LISTENs to on its lock
+session, so a standby tries for the lock at once instead of at its next retry. A statement can also
 hang without any TCP error, behind a middlebox that keeps acknowledging while nothing gets
 through: a watchdog thread then shuts the session's socket down, so the statement fails and
 the leader steps down.
@@ -31,21 +38,22 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd.errors import DatabaseUnavailable, JobqdError
-from jobqd.store.connections import connect
+from jobqd.store.connections import connect, subscribe
 from jobqd.store.locks import lock_key, pg_locks_parts
 from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.leader")
 
 # Server side: Postgres drops a silent client's session, and so frees the lock, after about
-# idle + interval * count = 11 s, or 10 s of unacknowledged data, whichever comes first.
+# idle + interval * count = 11 s without keepalive answers; idle_session_timeout and
+# tcp_user_timeout (LeaderSession.server_options) end it after leader_timeout of silence.
 SERVER_OPTIONS = {
     "tcp_keepalives_idle": "5",
     "tcp_keepalives_interval": "2",
     "tcp_keepalives_count": "3",
-    "tcp_user_timeout": "10000",
     "jit": "off",  # short statements only: compiling them costs more than it saves
 }
+LEADER_TIMEOUT = 10.0
 # Client side: a statement waiting on a dead server fails after about 7 s.
 CLIENT_PARAMS = {
     "keepalives": "1",
@@ -123,6 +131,11 @@ def _backend_pid(conn: psycopg.Connection) -> int:
     return int(row[0])
 
 
+def release_channel(schema: str) -> str:
+    """The channel a graceful release notifies and standbys listen on."""
+    return f"{schema}.leader"
+
+
 def current_leader(conn: psycopg.Connection, schema: str) -> dict[str, Any] | None:
     """The maintenance process holding the leader lock now (host, pid, ...), or None.
 
@@ -147,6 +160,7 @@ class LeaderSession:
         *,
         application_name: str,
         statement_timeout: float = LOCK_STATEMENT_TIMEOUT,
+        leader_timeout: float = LEADER_TIMEOUT,
     ) -> None:
         self.dsn = dsn
         self.schema = schema
@@ -155,6 +169,14 @@ class LeaderSession:
         self.sql = queries(schema)
         self.key = lock_key(schema, "leader")
         self._key_parts = pg_locks_parts(self.key)
+        silence_ms = str(int(leader_timeout * 1000))
+        self.server_options = {
+            **SERVER_OPTIONS,
+            "idle_session_timeout": silence_ms,
+            "tcp_user_timeout": silence_ms,
+        }
+        self.channel = release_channel(schema)
+        self.released = False  # a release was notified since the last try
         self.conn: psycopg.Connection | None = None
         self.backend_pid: int | None = None
         self.held = False
@@ -179,7 +201,7 @@ class LeaderSession:
             application_name=self.application_name,
             statement_timeout_ms=int(self.statement_timeout * 1000),
             idle_in_transaction_timeout_ms=_IDLE_IN_TRANSACTION_MS,
-            extra_options=SERVER_OPTIONS,
+            extra_options=self.server_options,
         )
         conn.prepare_threshold = None  # no server-side prepared statements on this session
         try:
@@ -187,6 +209,8 @@ class LeaderSession:
             assert row is not None
             if row[0] != str(_IDLE_IN_TRANSACTION_MS):
                 self._set_options(conn)
+            conn.add_notify_handler(self._on_notify)
+            subscribe(conn, self.channel)
         except BaseException:
             conn.close()
             raise
@@ -229,14 +253,23 @@ class LeaderSession:
         settings = {
             "statement_timeout": str(int(self.statement_timeout * 1000)),
             "idle_in_transaction_session_timeout": str(_IDLE_IN_TRANSACTION_MS),
-            **SERVER_OPTIONS,
+            **self.server_options,
         }
         for name, value in settings.items():
             conn.execute(self.sql.leader_set_option, {"name": name, "value": value})
 
+    def _on_notify(self, _notify: psycopg.Notify) -> None:
+        self.released = True
+
+    @property
+    def socket(self) -> int | None:
+        """The session's socket, readable when a notification (or an error) arrives."""
+        return self.conn.pgconn.socket if self.connected else None  # type: ignore[union-attr]
+
     def try_acquire(self) -> bool:
         """One non-blocking try for the lock; True when this session now holds it."""
         conn = self.open()
+        self.released = False
         row = conn.execute(self.sql.leader_try_lock, {"key": self.key}).fetchone()
         assert row is not None
         if not row[0]:
@@ -274,6 +307,15 @@ class LeaderSession:
     def trusted(self) -> bool:
         """Held and verified recently enough to act as leader."""
         return self.held and time.monotonic() - self.verified_at < TRUST_WINDOW
+
+    def release(self) -> None:
+        """Free the lock and wake the standbys, before the session ends (which frees it too,
+        but tells no one)."""
+        if self.held and self.connected:
+            self.held = False
+            self.conn.execute(  # type: ignore[union-attr]
+                self.sql.leader_release, {"key": self.key, "channel": self.channel}
+            )
 
     def close(self) -> None:
         """End the session; the server frees the lock with it."""

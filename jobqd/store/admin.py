@@ -58,11 +58,15 @@ def status(
 ) -> dict[str, Any]:
     """Everything `jobqctl status` shows, as one JSON-ready document (datetimes aside)."""
     now = conn.execute(queries(schema).database_now).fetchone()[0]
+    holder = leader(conn, schema)
+    listed = processes(conn, schema, stale_after=stale_after)
+    for process in listed:  # from the lock, never from what a process says of itself
+        process["leader"] = holder is not None and process["id"] == holder["id"]
     return {
         "time": now,
         "queues": queue_status(conn, schema),
-        "processes": processes(conn, schema, stale_after=stale_after),
-        "leader": leader(conn, schema),
+        "processes": listed,
+        "leader": holder,
     }
 
 

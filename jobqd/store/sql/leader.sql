@@ -4,6 +4,10 @@
 -- name: leader_try_lock
 SELECT pg_try_advisory_lock(%(key)s), pg_backend_pid()
 
+-- name: leader_release
+-- A graceful release: the notification reaches the standbys on commit, after the unlock.
+SELECT pg_advisory_unlock(%(key)s), pg_notify(%(channel)s, '')
+
 -- name: leader_verify
 -- Cheap proof, every tick, that this very backend still holds the leader lock (a pooler that
 -- moved us to another backend, or a lock that is gone, answers false) and the database time.
