@@ -161,24 +161,23 @@ def database_health(
     holders = _rows(conn, sql.database_vacuum_holder)
     holder = holders[0] if holders else None
     tables = _rows(conn, sql.database_tables, {"schema": schema})
+    held = holder is not None and _holds_too_long(holder, thresholds)
     return {
         "database": conn.execute(sql.database_name).fetchone()[0],
         "vacuum_holder": holder,
+        "vacuum_held_back": held,
         "tables": tables,
         "thresholds": dataclasses.asdict(thresholds),
-        "warnings": _health_warnings(holder, tables, thresholds),
+        "warnings": _health_warnings(holder if held else None, tables, thresholds),
     }
 
 
 def _health_warnings(
-    holder: dict[str, Any] | None,
-    tables: list[dict[str, Any]],
-    thresholds: DatabaseHealthSettings,
+    holder: dict[str, Any] | None, tables: list[dict[str, Any]], thresholds: DatabaseHealthSettings
 ) -> list[str]:
+    """One line per threshold exceeded; `holder` is given only when it holds back too long."""
     warnings = []
-    held = False
-    if holder is not None and _holds_too_long(holder, thresholds):
-        held = True
+    if holder is not None:
         warnings.append(
             f"{describe_holder(holder)} has held back vacuum for {_holder_age(holder)}: "
             f"dead jobs stay in the table and claims slow down until it ends; {_ending(holder)}"
@@ -192,7 +191,7 @@ def _health_warnings(
             last = f"last vacuumed {format_duration(round(table['vacuum_age']))} ago"
         advice = (
             "end the holder above, then run VACUUM on it"
-            if held
+            if holder is not None
             else "run VACUUM (VERBOSE) on it and check that autovacuum keeps up"
         )
         warnings.append(

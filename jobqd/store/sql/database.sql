@@ -7,13 +7,14 @@ SELECT now()
 
 -- name: database_vacuum_holder
 -- The oldest transaction or snapshot that keeps vacuum of this database's tables from removing
--- dead rows: a session's xmin or xid (this database's sessions, and walsenders, whose
--- hot_standby_feedback xmin holds back every database), a prepared transaction of this
--- database, or a replication slot's xmin. A slot's catalog_xmin only holds back system
--- catalogs, not jobqd's tables, and is left out; so are this session and autovacuum workers.
--- pg_stat_activity shows pid, application_name, user name and backend_xmin/backend_xid of
--- every session to every role, but state and xact_start only to the session's own role,
--- members of it and pg_read_all_stats: `visible` says whether they were shown.
+-- dead rows: a session's xmin or xid (this database's sessions, and those of no database:
+-- walsenders, whose hot_standby_feedback xmin holds back every database), a prepared
+-- transaction of this database, or a replication slot's xmin. A slot's catalog_xmin only
+-- holds back system catalogs, not jobqd's tables, and is left out; so are this session and
+-- autovacuum workers. pg_stat_activity shows pid, database, application_name, user name and
+-- backend_xmin/backend_xid of every session to every role, but state, backend_type and the
+-- start times only to the session's own role, members of it and pg_read_all_stats:
+-- `visible` says whether they were shown.
 WITH holders AS (
     SELECT 'session' AS kind,
            pid,
@@ -25,9 +26,9 @@ WITH holders AS (
            coalesce(xact_start, backend_start) AS since,
            (backend_start IS NOT NULL) AS visible
     FROM pg_stat_activity
-    WHERE (datname = current_database() OR backend_type = 'walsender')
+    WHERE (datname = current_database() OR datid IS NULL)
       AND pid <> pg_backend_pid()
-      AND backend_type <> 'autovacuum worker'
+      AND backend_type IS DISTINCT FROM 'autovacuum worker'
       AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
     UNION ALL
     SELECT 'prepared transaction', NULL, NULL, owner::text, gid, 'prepared',
