@@ -188,7 +188,7 @@ def _health_warnings(
         if table["vacuumed_at"] is None:
             last = "never vacuumed"
         else:
-            last = f"last vacuumed {format_duration(round(table['vacuum_age']))} ago"
+            last = f"last vacuumed {format_duration(int(table['vacuum_age']))} ago"
         advice = (
             "end the holder above, then run VACUUM on it"
             if holder is not None
@@ -223,7 +223,7 @@ def _holder_age(holder: dict[str, Any]) -> str:
     xids = f"{holder['xid_age']:,} transactions"
     if holder["age"] is None:
         return xids
-    return f"{format_duration(round(holder['age']))} ({xids})"
+    return f"{format_duration(int(holder['age']))} ({xids})"
 
 
 def _ending(holder: dict[str, Any]) -> str:
