@@ -416,7 +416,13 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
         return EXIT_OK
     try:
         while True:
-            document = _status_with_database(ctx)
+            try:
+                document = _status_with_database(ctx)
+            except psycopg.OperationalError as exc:
+                ctx.close()  # the next round reconnects, trying for up to --wait
+                ctx.note(f"jobqctl: lost the database connection: {first_line(exc)}")
+                time.sleep(args.interval)
+                continue
             stamp = output.when(document["time"])
             if ctx.json:
                 ctx.print(json.dumps(document, default=output._default, ensure_ascii=False))

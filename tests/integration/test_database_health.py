@@ -332,3 +332,29 @@ def test_jobqctl_waits_for_a_database_that_comes_back(dsn):
     assert "database" in json.loads(out)
     # The next try comes within the longest pause (RETRY_CAP, 5s), plus interpreter headroom.
     assert time.monotonic() - healed < 5.0 + 5.0
+
+
+def test_status_watch_reconnects_after_the_link_is_cut(dsn):
+    with Proxy.to(dsn) as proxy:
+        command = [sys.executable, "-m", "jobqd.cli.ctl", "--dsn", proxy.dsn(dsn), "--json"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBQD_")}
+        watch = subprocess.Popen(
+            [*command, "--wait", "30s", "status", "--watch", "--interval", "200ms"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            before = json.loads(watch.stdout.readline())
+            proxy.cut()
+            assert "lost the database connection" in watch.stderr.readline()
+            assert "retrying in" in watch.stderr.readline()
+            proxy.heal()
+            after = json.loads(watch.stdout.readline())
+            while after["time"] <= before["time"]:  # lines printed before the cut
+                after = json.loads(watch.stdout.readline())
+            assert watch.poll() is None
+        finally:
+            watch.kill()
+            watch.wait()
