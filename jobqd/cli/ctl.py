@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -20,10 +21,12 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd import config as config_module
 from jobqd.cli import output
-from jobqd.config.durations import parse_duration
+from jobqd.config.durations import format_duration, parse_duration
+from jobqd.config.settings import DatabaseHealthSettings
 from jobqd.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -39,6 +42,19 @@ from jobqd.store import connections as db
 
 SYSTEM_CONFIG = Path("/etc/jobqd.yaml")
 WATCH_INTERVAL = 2.0
+DEFAULT_WAIT = 5.0
+"""Seconds a command keeps trying to reach the database before it gives up (--wait)."""
+RETRY_FIRST = 0.5
+RETRY_CAP = 5.0
+_TRANSIENT_REFUSALS = (
+    "starting up",
+    "shutting down",
+    "not yet accepting connections",
+    "recovery mode",
+    "too many clients",
+    "connection slots are reserved",
+)
+"""What a server that answered says when trying again later can help (its FATAL messages)."""
 _CLEAR = "\x1b[H\x1b[2J"
 _BULK_NOTICE = 10_000  # bulk changes of more rows than this say so before they start
 
@@ -71,17 +87,19 @@ class Context:
     yes: bool
     out: TextIO
     err: TextIO
+    wait: float = DEFAULT_WAIT
     _conn: psycopg.Connection | None = None
 
     @property
     def conn(self) -> psycopg.Connection:
         if self._conn is None:
-            self._conn = db.connect(self.dsn, application_name="jobqctl", statement_timeout_ms=None)
+            self._conn = connect_waiting(self.dsn, self.wait, self.note)
         return self._conn
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+            self._conn = None
 
     def print(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -150,6 +168,80 @@ def resolve(
         )
     schema = args.schema or (settings.database.schema if settings else "jobqd")
     return dsn, schema, settings
+
+
+def retry_delays(wait: float) -> list[float]:
+    """The pauses between connection attempts within `wait` seconds: doubling from
+    RETRY_FIRST up to RETRY_CAP, the last one cut to end at `wait`."""
+    delays: list[float] = []
+    total, delay = 0.0, RETRY_FIRST
+    while total < wait - 1e-9:
+        step = min(delay, wait - total)
+        delays.append(step)
+        total += step
+        delay = min(delay * 2, RETRY_CAP)
+    return delays
+
+
+def connect_waiting(dsn: str, wait: float, note: Callable[[str], None]) -> psycopg.Connection:
+    """One jobqctl session, trying again with backoff for up to `wait` seconds while the
+    database cannot be reached (down, restarting, out of connection slots), with a progress
+    line on stderr before each pause. A refusal that waiting cannot fix (authentication, no
+    such database) fails at once. Either way the failure is exit 3 with what to check."""
+    delays = retry_delays(wait)
+    attempts = len(delays) + 1
+    started = time.monotonic()
+    attempt = 1
+    while True:
+        try:
+            return db.connect(
+                _bounded(dsn, started + wait - time.monotonic()),
+                application_name="jobqctl",
+                statement_timeout_ms=None,
+            )
+        except DatabaseUnavailable as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            if not _transient(cause):
+                raise CtlError(EXIT_UNREACHABLE, str(exc)) from None
+            left = started + wait - time.monotonic()
+            if attempt == attempts or left <= 0:
+                tried = f"{attempt} attempt{'s' if attempt != 1 else ''}"
+                spent = format_duration(round(time.monotonic() - started, 1))
+                longer = format_duration(max(60.0, 4 * wait))
+                raise CtlError(
+                    EXIT_UNREACHABLE,
+                    f"{exc}; gave up after {tried} in {spent}: pass --wait {longer} to wait longer",
+                ) from None
+            pause = min(delays[attempt - 1], left)
+            attempt += 1
+            note(
+                f"jobqctl: cannot reach the database at {_where(dsn)}: {first_line(cause)}; "
+                f"retrying in {format_duration(round(pause, 1))} ({attempt}/{attempts})"
+            )
+            time.sleep(pause)
+
+
+def _bounded(dsn: str, remaining: float) -> str:
+    """`dsn` with a connect_timeout that ends within the wait (libpq's least is 2s), unless
+    the DSN sets its own."""
+    if "connect_timeout" in conninfo_to_dict(dsn):
+        return dsn
+    return make_conninfo(dsn, connect_timeout=str(max(2, min(10, math.ceil(remaining)))))
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether trying again may help: the server did not answer, or answered "not now"."""
+    text = str(exc)
+    return "FATAL:" not in text or any(words in text for words in _TRANSIENT_REFUSALS)
+
+
+def _where(dsn: str) -> str:
+    """HOST:PORT/DB of a DSN, never its password."""
+    params = conninfo_to_dict(dsn)
+    where = params.get("host") or "localhost"
+    if params.get("port"):
+        where += f":{params['port']}"
+    return f"{where}/{params.get('dbname', '')}"
 
 
 # -- parsing helpers -------------------------------------------------------------------------
@@ -264,25 +356,80 @@ def _status_text(document: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _status_with_database(ctx: Context) -> dict[str, Any]:
+    return {**_status_document(ctx), "database": _database_document(ctx)}
+
+
+def _status_with_database_text(document: dict[str, Any]) -> str:
+    return _status_text(document) + "\n\n" + _database_text(document["database"])
+
+
+def _database_document(ctx: Context) -> dict[str, Any]:
+    """What holds back vacuum and how many dead tuples jobqd's tables carry, with warnings
+    over the config's `database_health` thresholds (their defaults without -c)."""
+    thresholds = ctx.settings.database_health if ctx.settings else DatabaseHealthSettings()
+    return admin.database_health(ctx.conn, ctx.schema, thresholds)
+
+
+def _database_text(health: dict[str, Any]) -> str:
+    holder = health["vacuum_holder"]
+    if holder is None:
+        lines = ["vacuum: nothing holds it back"]
+    else:
+        age = output.age(holder["age"]) if holder["age"] is not None else "age hidden"
+        lines = [
+            f"vacuum held back by: {admin.describe_holder(holder)}, {age}, "
+            f"{holder['xid_age']:,} transactions"
+        ]
+    shown = [t for t in health["tables"] if t["dead_tuples"] or t["table"].endswith(".jobs")]
+    rows = [
+        (
+            t["table"],
+            t["live_tuples"],
+            t["dead_tuples"],
+            _vacuumed(t),
+        )
+        for t in shown
+    ]
+    lines.append(output.table(("TABLE", "LIVE", "DEAD", "LAST VACUUM"), rows, right=(1, 2)))
+    lines += [f"warning: {warning}" for warning in health["warnings"]]
+    if health["warnings"]:
+        lines.append('(what to do: docs/operations.md, "Vacuum held back")')
+    return "\n".join(lines)
+
+
+def _vacuumed(table: dict[str, Any]) -> str:
+    if table["vacuumed_at"] is None:
+        return "never"
+    how = "autovacuum" if table["vacuumed_at"] == table["last_autovacuum"] else "VACUUM"
+    return f"{output.age(table['vacuum_age'])} ago ({how})"
+
+
 def _seconds_between(start: datetime | None, end: datetime) -> float | None:
     return None if start is None else (end - start).total_seconds()
 
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
     if not args.watch:
-        document = _status_document(ctx)
-        ctx.emit(document, lambda: _status_text(document))
+        document = _status_with_database(ctx)
+        ctx.emit(document, lambda: _status_with_database_text(document))
         return EXIT_OK
     try:
         while True:
-            document = _status_document(ctx)
+            try:
+                document = _status_with_database(ctx)
+            except psycopg.OperationalError as exc:
+                ctx.close()  # the next round reconnects, trying for up to --wait
+                ctx.note(f"jobqctl: lost the database connection: {first_line(exc)}")
+                time.sleep(args.interval)
+                continue
             stamp = output.when(document["time"])
             if ctx.json:
                 ctx.print(json.dumps(document, default=output._default, ensure_ascii=False))
             else:
                 ctx.out.write(_CLEAR)
                 ctx.print(f"jobqctl status  {stamp}  every {args.interval:g}s, Ctrl-C to stop\n")
-                ctx.print(_status_text(document))
+                ctx.print(_status_with_database_text(document))
             ctx.out.flush()
             time.sleep(args.interval)
     except KeyboardInterrupt:
@@ -608,6 +755,13 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument("--schema", default=default, help="schema name (default: jobqd)")
     flag: Any = argparse.SUPPRESS if suppress else False
     parser.add_argument("--json", action="store_true", default=flag, help="print one JSON document")
+    parser.add_argument(
+        "--wait",
+        type=_duration,
+        metavar="DURATION",
+        default=default,
+        help=f"keep trying to reach the database this long (default {DEFAULT_WAIT:g}s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -716,6 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings=settings,
             json=bool(args.json),
             yes=bool(getattr(args, "yes", False)),
+            wait=DEFAULT_WAIT if args.wait is None else args.wait,
             out=sys.stdout,
             err=sys.stderr,
         )

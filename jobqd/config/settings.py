@@ -442,6 +442,15 @@ class HttpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DatabaseHealthSettings:
+    """Where `jobqctl status` and /metrics start to warn about vacuum being held back."""
+
+    holder_age: float = _key(300.0, _duration(positive=True))  # a transaction or snapshot open
+    holder_xid_age: int = _key(1_000_000, _integer(1))  # transactions behind, when age is hidden
+    dead_tuples: int = _key(100_000, _integer(0))  # dead rows in one of jobqd's tables
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     version: int = _key(1, _integer(1, 1))
     database: DatabaseSettings = _section(DatabaseSettings, shorthand="url")
@@ -458,6 +467,7 @@ class Settings:
     reaper: ReaperSettings = _section(ReaperSettings)
     maintenance: MaintenanceSettings = _section(MaintenanceSettings)
     http: HttpSettings = _section(HttpSettings)
+    database_health: DatabaseHealthSettings = _section(DatabaseHealthSettings)
     source: str = field(default="<default>", compare=False)  # the file these came from
 
     def __post_init__(self) -> None:

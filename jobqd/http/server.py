@@ -44,7 +44,13 @@ from jobqd.config.durations import parse_duration
 from jobqd.daemon.ipc import Sender, Status
 from jobqd.daemon.lifecycle import STATUS_INTERVAL, ChildContext, ChildProcess, Stopping
 from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError, first_line
-from jobqd.observe.metrics import CONTENT_TYPE, MetricStore, define_jobqd_metrics
+from jobqd.observe.metrics import (
+    CONTENT_TYPE,
+    DatabaseMetrics,
+    MetricStore,
+    define_database_metrics,
+    define_jobqd_metrics,
+)
 from jobqd.store import admin, migrate
 from jobqd.store import jobs as job_rows
 from jobqd.store.connections import connect
@@ -183,6 +189,7 @@ class App:
         self.sessions = Sessions(dsn)
         self._gauges = _Cached(GAUGE_TTL, self._count)
         self._database = _Cached(READY_TTL, self._check_database)
+        self._health = _Cached(GAUGE_TTL, self._database_health)
 
     # -- metrics and health -----------------------------------------------------------------
 
@@ -210,7 +217,22 @@ class App:
                 metrics.queue_jobs.set(jobs, queue, state)
             for queue, age in oldest.items():
                 metrics.queue_oldest_job_age.set(age, queue)
+        health = self._health.get()
+        if health is not None:
+            _set_database_health(define_database_metrics(store), health)
         return store.render()
+
+    def _database_health(self) -> dict[str, Any] | None:
+        """admin.database_health for /metrics; None when it cannot be read. An unreachable
+        database is not logged here: jobqd_database_up and the job count's line say it."""
+        try:
+            with self.sessions.session() as conn:
+                return admin.database_health(conn, self.schema, self.settings.database_health)
+        except (psycopg.OperationalError, DatabaseUnavailable):
+            return None
+        except psycopg.Error as exc:
+            log.warning("cannot read the database's health for /metrics: %s", first_line(exc))
+            return None
 
     def healthz(self) -> tuple[HTTPStatus, dict[str, Any]]:
         _, health, fed_at = self.feed.state()
@@ -301,6 +323,25 @@ class App:
     def queues(self) -> dict[str, Any]:
         with self.sessions.session() as conn:
             return {"queues": admin.queue_status(conn, self.schema)}
+
+
+def _set_database_health(metrics: DatabaseMetrics, health: dict[str, Any]) -> None:
+    database = health["database"]
+    holder = health["vacuum_holder"] or {"age": 0.0, "xid_age": 0}
+    if holder["age"] is not None:
+        metrics.vacuum_holder_age.set(holder["age"], database)
+    metrics.vacuum_holder_xid_age.set(holder["xid_age"], database)
+    if health["vacuum_held_back"]:
+        pid = "" if holder["pid"] is None else str(holder["pid"])
+        names = (holder["application_name"] or "", holder["name"] or "", holder["state"] or "")
+        metrics.vacuum_holder.set(1, database, holder["kind"], pid, *names)
+    for table in health["tables"]:
+        name = table["table"]
+        metrics.dead_tuples.set(table["dead_tuples"], database, name)
+        metrics.live_tuples.set(table["live_tuples"], database, name)
+        vacuumed = table["vacuumed_at"]
+        metrics.last_vacuum.set(vacuumed.timestamp() if vacuumed else 0, database, name)
+    metrics.health_warnings.set(len(health["warnings"]), database)
 
 
 def _children_problem(health: dict[str, Any] | None) -> str | None:

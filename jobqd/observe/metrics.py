@@ -466,3 +466,73 @@ def define_jobqd_metrics(store: MetricStore) -> JobqdMetrics:
         ),
         up=store.gauge("jobqd_up", "1 while the jobqd master is running."),
     )
+
+
+_SAME_ON_EVERY_NODE = (
+    " Read from the database by each node's http child, so every node reports the same value:"
+    " aggregate with max by (database), never sum."
+)
+
+
+@dataclass(frozen=True)
+class DatabaseMetrics:
+    """Handles on the gauges of the database's own health, set by the http child only."""
+
+    vacuum_holder_age: Gauge  # database
+    vacuum_holder_xid_age: Gauge  # database
+    vacuum_holder: Gauge  # database, kind, pid, application_name, name, state
+    dead_tuples: Gauge  # database, table
+    live_tuples: Gauge  # database, table
+    last_vacuum: Gauge  # database, table
+    health_warnings: Gauge  # database
+
+
+def define_database_metrics(store: MetricStore) -> DatabaseMetrics:
+    """Declare the jobqd_database_* health gauges on ``store``."""
+    table = ("database", "table")
+    return DatabaseMetrics(
+        vacuum_holder_age=store.gauge(
+            "jobqd_database_vacuum_holder_age_seconds",
+            "How long the oldest transaction or snapshot holding back vacuum has been open; 0 "
+            "when none, absent when its start is hidden from jobqd's role (grant "
+            "pg_read_all_stats) or unknown (a replication slot)." + _SAME_ON_EVERY_NODE,
+            ("database",),
+        ),
+        vacuum_holder_xid_age=store.gauge(
+            "jobqd_database_vacuum_holder_xid_age",
+            "Transactions the oldest holder of vacuum's horizon is behind (age of its xmin); "
+            "0 when none." + _SAME_ON_EVERY_NODE,
+            ("database",),
+        ),
+        vacuum_holder=store.gauge(
+            "jobqd_database_vacuum_holder",
+            "1 for the holder of vacuum's horizon while it is over a database_health "
+            "threshold, naming it (kind: session, prepared transaction or replication slot; "
+            "name: the transaction's gid or the slot's name)." + _SAME_ON_EVERY_NODE,
+            ("database", "kind", "pid", "application_name", "name", "state"),
+        ),
+        dead_tuples=store.gauge(
+            "jobqd_database_dead_tuples",
+            "Dead tuples in each of jobqd's tables (pg_stat_user_tables.n_dead_tup)."
+            + _SAME_ON_EVERY_NODE,
+            table,
+        ),
+        live_tuples=store.gauge(
+            "jobqd_database_live_tuples",
+            "Live tuples in each of jobqd's tables (pg_stat_user_tables.n_live_tup)."
+            + _SAME_ON_EVERY_NODE,
+            table,
+        ),
+        last_vacuum=store.gauge(
+            "jobqd_database_last_vacuum_timestamp_seconds",
+            "When each of jobqd's tables was last vacuumed, by VACUUM or autovacuum (Unix "
+            "time; 0: never)." + _SAME_ON_EVERY_NODE,
+            table,
+        ),
+        health_warnings=store.gauge(
+            "jobqd_database_health_warnings",
+            "database_health thresholds exceeded now (each is a warning in jobqctl status)."
+            + _SAME_ON_EVERY_NODE,
+            ("database",),
+        ),
+    )

@@ -14,6 +14,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from jobqd.config.durations import format_duration
+from jobqd.config.settings import DatabaseHealthSettings
 from jobqd.store import jobs as job_rows
 from jobqd.store.locks import pg_locks_parts
 from jobqd.store.sql import queries
@@ -143,3 +145,94 @@ def lock_holder(conn: psycopg.Connection, schema: str, key: int) -> int | None:
     """The database backend pid holding advisory lock `key` (session level), or None."""
     row = conn.execute(queries(schema).locks_holder, pg_locks_parts(key)).fetchone()
     return None if row is None else int(row[0])
+
+
+# -- the database's own health ---------------------------------------------------------------
+
+
+def database_health(
+    conn: psycopg.Connection,
+    schema: str,
+    thresholds: DatabaseHealthSettings,
+) -> dict[str, Any]:
+    """The oldest holder of vacuum's horizon, dead rows and the last vacuum of each of the
+    schema's tables, and one warning (saying what to do) per threshold exceeded.
+
+    A pinned xmin makes every dead row in the jobs table stay until the holder ends, and claims
+    slow down as they step over them; nothing else in jobqd would notice. Reads only statistics
+    views, so it is safe on every scrape."""
+    sql = queries(schema)
+    holders = _rows(conn, sql.database_vacuum_holder)
+    holder = holders[0] if holders else None
+    tables = _rows(conn, sql.database_tables, {"schema": schema})
+    held = holder is not None and _holds_too_long(holder, thresholds)
+    return {
+        "database": conn.execute(sql.database_name).fetchone()[0],
+        "vacuum_holder": holder,
+        "vacuum_held_back": held,
+        "tables": tables,
+        "thresholds": dataclasses.asdict(thresholds),
+        "warnings": _health_warnings(holder if held else None, tables, thresholds),
+    }
+
+
+def _health_warnings(
+    holder: dict[str, Any] | None, tables: list[dict[str, Any]], thresholds: DatabaseHealthSettings
+) -> list[str]:
+    """One line per threshold exceeded; `holder` is given only when it holds back too long."""
+    warnings = []
+    if holder is not None:
+        warnings.append(
+            f"{describe_holder(holder)} has held back vacuum for {_holder_age(holder)}: "
+            f"dead jobs stay in the table and claims slow down until it ends; {_ending(holder)}"
+        )
+    for table in tables:
+        if table["dead_tuples"] <= thresholds.dead_tuples:
+            continue
+        if table["vacuumed_at"] is None:
+            last = "never vacuumed"
+        else:
+            last = f"last vacuumed {format_duration(int(table['vacuum_age']))} ago"
+        advice = (
+            "end the holder above, then run VACUUM on it"
+            if holder is not None
+            else "run VACUUM (VERBOSE) on it and check that autovacuum keeps up"
+        )
+        warnings.append(
+            f"{table['table']} has {table['dead_tuples']:,} dead tuples "
+            f"(over {thresholds.dead_tuples:,}; {last}): {advice}"
+        )
+    return warnings
+
+
+def _holds_too_long(holder: dict[str, Any], thresholds: DatabaseHealthSettings) -> bool:
+    if holder["age"] is not None:
+        return holder["age"] > thresholds.holder_age
+    return holder["xid_age"] > thresholds.holder_xid_age
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """`session pid 4242 (psql, idle in transaction, role app)`, or a prepared transaction's
+    or a replication slot's name."""
+    if holder["kind"] != "session":
+        return f"{holder['kind']} {holder['name']!r} ({holder['state']})"
+    details = [repr(holder["application_name"] or "")]
+    details.append((holder["state"] or "-") if holder["visible"] else "state hidden from this role")
+    if holder["role"]:
+        details.append(f"role {holder['role']}")
+    return f"session pid {holder['pid']} ({', '.join(details)})"
+
+
+def _holder_age(holder: dict[str, Any]) -> str:
+    xids = f"{holder['xid_age']:,} transactions"
+    if holder["age"] is None:
+        return xids
+    return f"{format_duration(int(holder['age']))} ({xids})"
+
+
+def _ending(holder: dict[str, Any]) -> str:
+    if holder["kind"] == "prepared transaction":
+        return "COMMIT PREPARED or ROLLBACK PREPARED it"
+    if holder["kind"] == "replication slot":
+        return "bring its standby back, or drop the slot if the standby is gone for good"
+    return f"end that transaction, or pg_terminate_backend({holder['pid']})"

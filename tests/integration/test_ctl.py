@@ -163,7 +163,7 @@ def test_show_prints_the_error_history_with_tracebacks(dsn, conn, workers):
 
 
 def test_exit_codes_and_messages(dsn):
-    code, _, err = jobqctl("status", dsn="postgresql://postgres@127.0.0.1:1/nowhere")
+    code, _, err = jobqctl("status", "--wait", "0", dsn="postgresql://postgres@127.0.0.1:1/nowhere")
     assert code == 3
     assert err.startswith("jobqctl: cannot connect to PostgreSQL at 127.0.0.1:1/nowhere")
     assert len(err.strip().splitlines()) == 1
