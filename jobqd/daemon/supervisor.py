@@ -256,7 +256,10 @@ class Supervisor:
         self._prepare_at = now + 1.0  # if that failed, or for the next try
 
     def _helper_said(self, helper: Helper) -> None:
-        for message in helper.read():
+        messages = helper.read()
+        if not helper.listening:  # its pipe closed: it is exiting
+            self.selector.unregister(helper.fd)
+        for message in messages:
             if helper is self._preparer and message.get("kind") == "progress":
                 state = str(message.get("state") or "")
                 if state != self.preparing:
@@ -269,6 +272,8 @@ class Supervisor:
     def _helper_exited(self, helper: Helper, status: int) -> None:
         if helper.listening:
             self._helper_said(helper)
+        if helper.listening:  # exited with the pipe still open (a grandchild holds it)
+            helper.listening = False
             self.selector.unregister(helper.fd)
         helper.close()
         verdict = helper.verdict
