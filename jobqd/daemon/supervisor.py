@@ -1,5 +1,13 @@
-"""The master process: prepares the database, forks the children the config asks for, and then
+"""The master process: binds http.listen, forks the children the config asks for, and then
 only supervises them.
+
+Start: the listening socket is bound first (a taken address fails the start, exit 1, before
+anything runs), then the http child starts, at once, so /healthz answers while the database
+is still away. Waiting for the database, refusing a transaction-mode pooler (exit 78) and
+migrating run in a helper process (jobqd.daemon.prepare); its progress feeds /readyz and
+STATUS=, and the workers and maintenance start when it reports success. A HUP is checked the
+way `jobqd --check` checks (imports, tasks, cron) in a helper too, and applied only if that
+passed. Helpers are what keep user code and database connections out of the master.
 
 The master is single-threaded and holds no database connection once it forks. It sleeps in one
 selector over the signal wake-up pipe (`signal.set_wakeup_fd`: handlers do nothing, the signal
@@ -23,10 +31,16 @@ Master -> http child messages, on the pipe whose read end is the http child's `f
   or dropped message never matters and the child only keeps the latest of each kind:
   `{"kind": "metrics", "snapshot": <MetricStore.snapshot()>}` (load it into an empty
   MetricStore) and
-  `{"kind": "health", "master_alive_at": <unix time>, "ready": bool, "stopping": bool,
-  "status": <the STATUS= line>, "children": {<name>: {"role", "queue", "pid", "booted",
-  "started_at", "busy", "concurrency", "leader", "restarts", "crash_looping"}}}` where `pid` is
-  null for a child waiting to be restarted.
+  `{"kind": "health", "master_alive_at": <unix time>, "preparing": <why the workers are not
+  started yet, "" once prepared>, "ready": bool, "stopping": bool, "status": <the STATUS=
+  line>, "children": {<name>: {"role", "queue", "pid", "booted", "started_at", "busy",
+  "concurrency", "leader", "restarts", "crash_looping", "crash_loop", "last_exit"}}}` where
+  `pid` is null for a child waiting to be restarted.
+
+Deaths: how a child died (describe_exit, or `killed after child_timeout`) goes with a dead
+worker's process id to the next worker of its queue, which releases its jobs naming it. A
+spec crash-loops after CRASH_LOOP_AFTER exits in a row before booting, or as many within
+CRASH_LOOP_WINDOW after booting (jobqd.daemon.children.Restarts).
 """
 
 from __future__ import annotations
@@ -211,8 +225,8 @@ class Supervisor:
                 return EXIT_FAILURE
         self._install_signals()
         set_title("master")
+        self.dsn = resolve_database(self.settings.database)  # DatabaseUnavailable: exit 3
         try:
-            self.dsn = resolve_database(self.settings.database)
             return self._supervise()
         except Exception:
             log.critical("master failed; stopping every child fast", exc_info=True)
