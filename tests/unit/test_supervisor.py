@@ -731,3 +731,65 @@ def test_prepare_waits_with_backoff_and_says_why_until_the_database_answers():
     assert all(within(s, e) for s, e in zip(slept, [1.0, 2.0, 4.0], strict=True))
     assert [m["kind"] for m in said] == ["progress"] * 3
     assert all(m["state"].startswith("waiting for the database: cannot connect") for m in said)
+
+
+def test_deaths_after_boot_in_the_window_are_a_crash_loop_that_ages_out(master, processes, clock):
+    from jobqd.daemon.children import CRASH_LOOP_WINDOW
+
+    for _ in range(CRASH_LOOP_AFTER):
+        worker = restart(master, clock, "worker a#0")
+        boot(master, worker, process_id=7)
+        clock.advance(1.0)
+        processes.exit(worker.pid, exited(1))
+        master._reap()
+    restarts = master.restarts[worker.spec.ident]
+    assert restarts.crash_looping and restarts.last_exit == "exit status 1"
+    master._check_crash_loops(clock.now)
+    assert 'jobqd_child_crash_looping{role="worker",queue="a"} 1' in master.metric_store.render()
+    health = master.health()["children"]["worker a#0"]
+    assert health["crash_looping"] and "after it had booted" in health["crash_loop"]
+
+    boot(master, restart(master, clock, "worker a#0"))
+    assert restarts.crash_looping  # booting again does not end a loop of deaths after boot
+    clock.advance(CRASH_LOOP_WINDOW)
+    master._check_crash_loops(clock.now)
+    assert not restarts.crash_looping
+    assert 'jobqd_child_crash_looping{role="worker",queue="a"} 0' in master.metric_store.render()
+
+
+def test_a_worker_killed_for_silence_hands_on_that_reason(master, processes, clock):
+    worker = child(master, "worker a#0")
+    boot(master, worker, process_id=9)
+    clock.advance(master.settings.child_timeout + 1)
+    master._enforce_deadlines(clock.now)
+    assert processes.sent(worker.pid) == [KILL]
+    processes.exit(worker.pid, KILL)
+    master._reap()
+    assert master._dead_workers == {"a": [(9, "killed after child_timeout")]}
+
+
+def test_a_reload_that_moves_http_listen_rebinds_and_a_taken_address_keeps_the_old(
+    master, processes, config_path
+):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        first, busy = free_port(), taken.getsockname()[1]
+        config_path.write_text(BASE + f"http: {{listen: '127.0.0.1:{first}'}}\n")
+        send_signal(master, signal.SIGHUP)
+        assert master.listener.getsockname()[1] == first
+        assert child(master, "http").spec.kind == "http"
+        config_path.write_text(BASE + f"http: {{listen: '127.0.0.1:{busy}'}}\n")
+        send_signal(master, signal.SIGHUP)
+        assert master.listener.getsockname()[1] == first  # still the old address
+        assert master.settings.http.listen == f"127.0.0.1:{first}"
+        assert "last reload failed" in master.status_line()
+    master.listener.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
