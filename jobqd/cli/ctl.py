@@ -344,6 +344,11 @@ def _status_text(document: dict[str, Any]) -> str:
         parts.append(output.table(headers, rows, right=(3,)))
     else:
         parts.append("no live processes: is jobqd running?")
+    for loop in document.get("crash_loops") or ():
+        parts.append(
+            f"crash loop: {loop['host']} {loop['child']}: {loop['crash_loop']} "
+            f"(last: {loop['last_exit']}; {loop['restarts']} restarts): see that node's log"
+        )
     leader = document["leader"]
     if leader is None:
         parts.append("leader: none (no maintenance process holds the leader lock)")

@@ -1,8 +1,9 @@
 """`jobqd`: the daemon's command line. `jobqd -c FILE` runs the master; `--check` validates.
 
-Exit codes (jobqd.errors): 0 clean stop, 1 unexpected error or a failed `--check` (as
-`nginx -t` does), 2 usage, 3 database unreachable, 4 no worker could boot, 78 invalid
-configuration when starting for real.
+Exit codes (jobqd.errors): 0 clean stop, 1 unexpected error, a failed `--check` (as
+`nginx -t` does), an http.listen that cannot be bound or a failed migration, 2 usage, 3 the
+embedded database cannot start, 4 no worker could boot, 78 invalid configuration when
+starting for real, or a database behind a transaction-mode pooler.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from jobqd.errors import (
     EXIT_OK,
     EXIT_UNREACHABLE,
     DatabaseUnavailable,
-    MigrationError,
 )
 from jobqd.observe.logs import setup_logging
 
@@ -151,9 +151,6 @@ def start(path: str, hint: str = "", *, migrate: bool = True) -> int:
     )
     try:
         return supervisor.run()
-    except DatabaseUnavailable as exc:
+    except DatabaseUnavailable as exc:  # the embedded server could not be started
         log.error("%s", exc)
         return EXIT_UNREACHABLE
-    except MigrationError as exc:
-        log.error("cannot migrate the database: %s", exc)
-        return EXIT_FAILURE

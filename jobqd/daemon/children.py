@@ -25,7 +25,11 @@ MAINTENANCE = "maintenance"
 HTTP = "http"
 
 CRASH_LOOP_AFTER = 3
-"""Exits before `booted`, in a row, that make a spec crash-looping."""
+"""Exits that make a spec crash-looping: this many in a row before `booted`, or this many
+within `CRASH_LOOP_WINDOW` of children that had booted (a job that kills its process)."""
+
+CRASH_LOOP_WINDOW = 60.0
+"""Seconds over which exits after boot are counted towards a crash loop."""
 
 STABLE_AFTER = 10.0
 """A child that stayed booted this long has its restart backoff reset."""
@@ -144,6 +148,7 @@ class Child:
     kill_at: float | None = None  # when it gets SIGKILL if still running
     quit_sent: bool = False
     killed: bool = False
+    kill_reason: str | None = None  # why the master killed it, when not to stop it
 
     def __post_init__(self) -> None:
         self.receiver = Receiver(self.fd)
@@ -185,19 +190,44 @@ class Restarts:
     boot_failures: int = 0  # exits before `booted`, in a row
     total: int = 0  # restarts after unplanned exits, ever
     next_start: float = 0.0  # monotonic time before which it is not restarted
-    crash_looping: bool = False
+    crash_looping: bool = False  # as of the last `refresh`
+    deaths: list[float] = field(default_factory=list)  # exits after boot, in the window
+    last_exit: str | None = None  # how the last unplanned exit went, in words
 
-    def exited(self, child: Child, now: float) -> float:
-        """Record an unplanned exit of `child`; returns the delay before the next start."""
+    def exited(self, child: Child, now: float, how: str) -> float:
+        """Record an unplanned exit of `child` (`how`: describe_exit's words); returns the
+        delay before the next start. A boot-failure loop is retried at the cap; a child that
+        dies after booting keeps its growing backoff, so a poison job is retried soon."""
         if child.booted_at is not None and now - child.booted_at >= STABLE_AFTER:
             self.failures = 0
         self.failures += 1
         self.boot_failures = 0 if child.booted else self.boot_failures + 1
-        self.crash_looping = self.boot_failures >= CRASH_LOOP_AFTER
-        delay = RESTART_BACKOFF.cap if self.crash_looping else RESTART_BACKOFF.delay(self.failures)
+        if child.booted:
+            self.deaths.append(now)
+        self.last_exit = how
+        self.refresh(now)
+        boot_loop = self.boot_failures >= CRASH_LOOP_AFTER
+        delay = RESTART_BACKOFF.cap if boot_loop else RESTART_BACKOFF.delay(self.failures)
         self.next_start = now + delay
         return delay
 
+    def refresh(self, now: float) -> bool:
+        """Recompute `crash_looping` at `now` (deaths age out of the window); True if it
+        changed."""
+        self.deaths = [t for t in self.deaths if now - t < CRASH_LOOP_WINDOW]
+        looping = self.boot_failures >= CRASH_LOOP_AFTER or len(self.deaths) >= CRASH_LOOP_AFTER
+        changed = looping != self.crash_looping
+        self.crash_looping = looping
+        return changed
+
+    def describe(self) -> str:
+        """Why it counts as crash-looping, for the log line and status."""
+        if self.boot_failures >= CRASH_LOOP_AFTER:
+            return f"it exited {self.boot_failures} times in a row before it booted"
+        return f"it exited {len(self.deaths)} times in {CRASH_LOOP_WINDOW:.0f}s after it had booted"
+
     def booted(self) -> None:
+        """A child of this spec booted: a boot-failure loop is over (deaths after boot still
+        count until they age out of the window)."""
         self.boot_failures = 0
-        self.crash_looping = False
+        self.crash_looping = len(self.deaths) >= CRASH_LOOP_AFTER

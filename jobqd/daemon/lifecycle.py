@@ -130,8 +130,10 @@ class ChildContext:
     on_title: Callable[[str], None]
     queue: str | None = None
     index: int = 0
-    dead_workers: tuple[int, ...] = ()  # worker: rows of this queue's workers that died
+    # worker: (process row, how it died) of this queue's workers that died
+    dead_workers: tuple[tuple[int, str], ...] = ()
     feed_fd: int | None = None  # http: the read end of the master's feed
+    listener: socket.socket | None = None  # http: the socket the master bound to http.listen
 
 
 def role_entry(kind: str) -> Callable[[ChildContext], int]:

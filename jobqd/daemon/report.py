@@ -50,14 +50,16 @@ def health(
     specs: list[ChildSpec],
     restarts: Mapping[Ident, Restarts],
     *,
+    preparing: str = "",
     ready: bool,
     stopping: bool,
     status: str,
     master_alive_at: float,
 ) -> dict[str, Any]:
     """The `health` message for the http child: one entry per wanted spec, named as in the
-    logs, with `pid` None while the spec waits to be restarted. Children being stopped are
-    left out: their specs are either retired or already filled by a replacement."""
+    logs, with `pid` None while the spec waits to be restarted, and `preparing`, why the
+    workers are not started yet ("" once the database is prepared). Children being stopped
+    are left out: their specs are either retired or already filled by a replacement."""
     by_spec = {c.spec: c for c in children if c.stopping_since is None}
     entries: dict[str, Any] = {}
     for spec in specs:
@@ -74,11 +76,14 @@ def health(
             "leader": child.leader if child else None,
             "restarts": spec_restarts.total,
             "crash_looping": spec_restarts.crash_looping,
+            "crash_loop": spec_restarts.describe() if spec_restarts.crash_looping else None,
+            "last_exit": spec_restarts.last_exit,
         }
     return {
         "kind": "health",
         "children": entries,
         "master_alive_at": master_alive_at,
+        "preparing": preparing,
         "ready": ready,
         "stopping": stopping,
         "status": status,

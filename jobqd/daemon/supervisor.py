@@ -1,5 +1,13 @@
-"""The master process: prepares the database, forks the children the config asks for, and then
+"""The master process: binds http.listen, forks the children the config asks for, and then
 only supervises them.
+
+Start: the listening socket is bound first (a taken address fails the start, exit 1, before
+anything runs), then the http child starts, at once, so /healthz answers while the database
+is still away. Waiting for the database, refusing a transaction-mode pooler (exit 78) and
+migrating run in a helper process (jobqd.daemon.prepare); its progress feeds /readyz and
+STATUS=, and the workers and maintenance start when it reports success. A HUP is checked the
+way `jobqd --check` checks (imports, tasks, cron) in a helper too, and applied only if that
+passed. Helpers are what keep user code and database connections out of the master.
 
 The master is single-threaded and holds no database connection once it forks. It sleeps in one
 selector over the signal wake-up pipe (`signal.set_wakeup_fd`: handlers do nothing, the signal
@@ -23,10 +31,16 @@ Master -> http child messages, on the pipe whose read end is the http child's `f
   or dropped message never matters and the child only keeps the latest of each kind:
   `{"kind": "metrics", "snapshot": <MetricStore.snapshot()>}` (load it into an empty
   MetricStore) and
-  `{"kind": "health", "master_alive_at": <unix time>, "ready": bool, "stopping": bool,
-  "status": <the STATUS= line>, "children": {<name>: {"role", "queue", "pid", "booted",
-  "started_at", "busy", "concurrency", "leader", "restarts", "crash_looping"}}}` where `pid` is
-  null for a child waiting to be restarted.
+  `{"kind": "health", "master_alive_at": <unix time>, "preparing": <why the workers are not
+  started yet, "" once prepared>, "ready": bool, "stopping": bool, "status": <the STATUS=
+  line>, "children": {<name>: {"role", "queue", "pid", "booted", "started_at", "busy",
+  "concurrency", "leader", "restarts", "crash_looping", "crash_loop", "last_exit"}}}` where
+  `pid` is null for a child waiting to be restarted.
+
+Deaths: how a child died (describe_exit, or `killed after child_timeout`) goes with a dead
+worker's process id to the next worker of its queue, which releases its jobs naming it. A
+spec crash-loops after CRASH_LOOP_AFTER exits in a row before booting, or as many within
+CRASH_LOOP_WINDOW after booting (jobqd.daemon.children.Restarts).
 """
 
 from __future__ import annotations
@@ -38,10 +52,12 @@ import math
 import os
 import selectors
 import signal
+import socket
 import time
 from typing import Any
 
 from jobqd import config
+from jobqd.config.settings import HttpSettings
 from jobqd.daemon import report
 from jobqd.daemon.children import (
     HTTP,
@@ -53,6 +69,7 @@ from jobqd.daemon.children import (
     Restarts,
     specs_for,
 )
+from jobqd.daemon.helper import Helper, start_helper
 from jobqd.daemon.ipc import Booted, Message, Sender, Status, decode
 from jobqd.daemon.lifecycle import (
     MASTER_SIGNALS,
@@ -61,8 +78,8 @@ from jobqd.daemon.lifecycle import (
     role_entry,
     run_and_exit,
 )
-from jobqd.daemon.prepare import prepare_database
-from jobqd.daemon.reload import plan_reload
+from jobqd.daemon.prepare import MIGRATING, prepare, resolve_database
+from jobqd.daemon.reload import ReloadPlan, plan_reload
 from jobqd.errors import EXIT_BOOT_FAILED, EXIT_FAILURE, EXIT_OK, EXIT_RECYCLE
 from jobqd.observe import sdnotify
 from jobqd.observe.logs import setup_logging
@@ -79,6 +96,13 @@ READY_TIMEOUT = 30.0
 """READY=1 is sent at the latest this long after the children were started."""
 FEED_INTERVAL = 1.0
 MAX_WAIT = 5.0
+CHECK_TIMEOUT = 60.0
+"""How long a reload's config check (imports, tasks, cron) may take before it counts as failed."""
+PROGRESS_EVERY = 5.0
+"""While migrating: seconds between progress lines, STATUS and EXTEND_TIMEOUT_USEC."""
+MIGRATION_STEP = "migrating (or waiting for another node's)"
+HUNG = "killed after child_timeout"
+"""How a child the master killed for its silence died, in its jobs' errors."""
 _FEED_PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -99,6 +123,23 @@ def describe_exit(status: int, *, killed_by_us: bool = False) -> tuple[str, dict
     return f"exit status {code}", {"exit_status": code}
 
 
+def bind_listener(http: HttpSettings) -> socket.socket:
+    """The http child's listening socket, bound by the master so that a taken address fails
+    the start (or the reload) at once; the http child inherits it. Raises OSError."""
+    host, port = http.host or "", http.port or 0
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, backlog=64)
+    listener.set_inheritable(False)  # forked, not exec'd: the http child keeps it anyway
+    return listener
+
+
+def listen_error(http: HttpSettings, exc: OSError) -> str:
+    return (
+        f"cannot listen on {http.listen} (http.listen): {exc.strerror or exc}; stop what "
+        "holds that address or set another http.listen"
+    )
+
+
 class Supervisor:
     """The master: `run()` returns the process exit code."""
 
@@ -108,6 +149,16 @@ class Supervisor:
         self.migrate = migrate
         self.pid = os.getpid()
         self.dsn = ""
+        self.prepared = False  # the database answered and is migrated: workers may start
+        self.preparing = "starting"  # why not prepared yet, for /readyz and STATUS
+        self.listener: socket.socket | None = None  # http.listen, bound by the master
+        self.helpers: dict[int, Helper] = {}
+        self._preparer: Helper | None = None
+        self._checker: Helper | None = None
+        self._pending_reload: config.Settings | None = None
+        self._next_progress = math.inf
+        self._migrating_since = 0.0
+        self._prepare_at = 0.0
         self.specs: list[ChildSpec] = specs_for(settings)
         self.children: dict[int, Child] = {}
         self.restarts: dict[Ident, Restarts] = {}
@@ -124,9 +175,9 @@ class Supervisor:
         self._ready = False
         self._ready_deadline = math.inf
         self._worker_booted = False
-        # Per queue, the process ids of worker children that died: the next worker of the
-        # queue takes their jobs back at once.
-        self._dead_workers: dict[str, list[int]] = {}
+        # Per queue, the process ids of worker children that died and how: the next worker
+        # of the queue takes their jobs back at once, naming the death in their errors.
+        self._dead_workers: dict[str, list[tuple[int, str]]] = {}
         self._status = ""
         self._reload_failed = False
         self._watchdog = sdnotify.watchdog_interval()
@@ -161,33 +212,20 @@ class Supervisor:
             elif signum == signal.SIGHUP and self._stopping is None:
                 self._reload()
 
-    def _stop_requested(self) -> bool:
-        self._take_signals()
-        return any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) for s in self._signals)
-
-    def _sleep(self, seconds: float) -> bool:
-        """Wait up to `seconds` for a stop signal, keeping the watchdog fed; True if one came.
-        Used before the children exist, while waiting for the database."""
-        deadline = time.monotonic() + seconds
-        while not self._stop_requested():
-            now = time.monotonic()
-            if now >= deadline:
-                return False
-            self._notify(now)
-            self.selector.select(
-                min(deadline, self._next_watchdog if self._watchdog else deadline) - now
-            )
-        return True
-
     # -- startup --------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Prepare the database, start the children, supervise until stopped."""
+        """Bind http.listen, start the http child and the database preparation, supervise
+        until stopped. The workers and maintenance start once the database is prepared."""
+        if self.settings.http.listen:
+            try:
+                self.listener = bind_listener(self.settings.http)
+            except OSError as exc:
+                log.critical("%s; not starting", listen_error(self.settings.http, exc))
+                return EXIT_FAILURE
         self._install_signals()
         set_title("master")
-        if not self._prepare_database():
-            log.info("stopped before the children were started")
-            return EXIT_OK
+        self.dsn = resolve_database(self.settings.database)  # DatabaseUnavailable: exit 3
         try:
             return self._supervise()
         except Exception:
@@ -195,13 +233,105 @@ class Supervisor:
             self._abort()
             return EXIT_FAILURE
 
-    def _prepare_database(self) -> bool:
-        """Resolve the database and apply migrations; False if told to stop meanwhile."""
-        dsn = prepare_database(self.settings.database, migrate=self.migrate, sleep=self._sleep)
-        if dsn is None:
-            return False
-        self.dsn = dsn
-        return True
+    def database_ready(self) -> None:
+        """The database answers and is migrated: from now on every child may start."""
+        self.prepared = True
+        self.preparing = ""
+        self._next_progress = math.inf
+        self._ready_deadline = time.monotonic() + READY_TIMEOUT
+
+    # -- helpers: preparing the database, checking a reload -------------------------------
+
+    def _start_helper(self, name: str, work: Any, deadline: float) -> Helper | None:
+        try:
+            helper = start_helper(
+                name,
+                work,
+                deadline=deadline,
+                close_fds=self._inherited(),
+                log_format=self.settings.log.format,
+                log_level=self.settings.log.level,
+            )
+        except OSError as exc:
+            log.error("cannot fork the %s helper: %s", name, exc)
+            return None
+        self.helpers[helper.pid] = helper
+        self.selector.register(helper.fd, selectors.EVENT_READ, helper)
+        return helper
+
+    def _start_preparing(self, now: float) -> None:
+        database, migrate = self.settings.database, self.migrate
+
+        def work(report: Any) -> dict[str, Any]:
+            self._drop_listener()
+            return prepare(self.dsn, database.schema, migrate=migrate, report=report)
+
+        self._preparer = self._start_helper("prepare", work, math.inf)
+        self._prepare_at = now + 1.0  # if that failed, or for the next try
+
+    def _helper_said(self, helper: Helper) -> None:
+        messages = helper.read()
+        if not helper.listening:  # its pipe closed: it is exiting
+            self.selector.unregister(helper.fd)
+        for message in messages:
+            if helper is self._preparer and message.get("kind") == "progress":
+                state = str(message.get("state") or "")
+                if state != self.preparing:
+                    self.preparing = state
+                    sdnotify.notify(f"STATUS={state.partition(':')[0]}")
+                if state == MIGRATING and self._next_progress == math.inf:
+                    self._migrating_since = time.monotonic()
+                    self._next_progress = self._migrating_since + PROGRESS_EVERY
+
+    def _helper_exited(self, helper: Helper, status: int) -> None:
+        if helper.listening:
+            self._helper_said(helper)
+        if helper.listening:  # exited with the pipe still open (a grandchild holds it)
+            helper.listening = False
+            self.selector.unregister(helper.fd)
+        helper.close()
+        verdict = helper.verdict
+        how, _ = describe_exit(status)
+        if helper is self._preparer:
+            self._preparer = None
+            self._prepared_verdict(verdict, how)
+        elif helper is self._checker:
+            self._checker = None
+            self._checked(verdict, how)
+
+    def _prepared_verdict(self, verdict: dict[str, Any] | None, how: str) -> None:
+        if self._stopping is not None:
+            return
+        if verdict is not None and verdict.get("ok"):
+            self.database_ready()
+            return
+        if verdict is None or verdict.get("exit") is None:
+            error = verdict.get("error") if verdict else f"the preparation exited: {how}"
+            log.warning("%s; trying again", error)
+            return
+        log.critical("%s; not starting", verdict.get("error"))
+        self._exit_code = int(verdict["exit"])
+        self._fast_stop("cannot work with this database")
+
+    def _kill_overdue_helpers(self, now: float) -> None:
+        for helper in self.helpers.values():
+            if now >= helper.deadline:
+                helper.deadline = math.inf
+                log.error("the %s helper took too long; killing it", helper.name)
+                helper.kill()
+
+    def _progress(self, now: float) -> None:
+        """While migrating (or waiting for another node's migration), tell systemd and the
+        log that the start is still making progress, so TimeoutStartSec does not kill it."""
+        if now < self._next_progress:
+            return
+        self._next_progress = now + PROGRESS_EVERY
+        elapsed = now - self._migrating_since
+        log.info("%s: still at it after %.0fs", MIGRATION_STEP, elapsed)
+        sdnotify.notify(
+            f"EXTEND_TIMEOUT_USEC={int(PROGRESS_EVERY * 3_000_000)}",
+            f"STATUS={MIGRATION_STEP} ({elapsed:.0f}s)",
+        )
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -209,36 +339,51 @@ class Supervisor:
         self.metrics.up.set(1)
         names = ", ".join(spec.name for spec in self.specs)
         log.info("master started: %d children (%s)", len(self.specs), names)
-        self._ready_deadline = time.monotonic() + READY_TIMEOUT
-        self._converge(time.monotonic())
-        while not (self._stopping and not self.children):
+        self._turn(time.monotonic())
+        while not (self._stopping and not self.children and not self.helpers):
             ready = self.selector.select(self._wait(time.monotonic()))
             self._handle_signals()
+            for key, _ in ready:
+                if isinstance(key.data, Helper) and key.data.listening:
+                    self._helper_said(key.data)
             self._reap()
             for key, _ in ready:
                 child = key.data
-                if child is not None and self.children.get(child.pid) is child:
+                if isinstance(child, Child) and self.children.get(child.pid) is child:
                     self._read(child)
-            now = time.monotonic()
-            self._enforce_deadlines(now)
-            if self._stopping is None:
-                self._converge(now)
-                self._check_boot_failure()
-                self._check_ready(now)
-            self._notify(now)
-            self._feed(now)
+            self._turn(time.monotonic())
         log.info("master stopped")
         self.metrics.up.set(0)
         return self._exit_code
 
+    def _turn(self, now: float) -> None:
+        """The chores of one loop turn, after signals, exits and messages."""
+        self._enforce_deadlines(now)
+        self._kill_overdue_helpers(now)
+        if self._stopping is None:
+            if not self.prepared and self._preparer is None and now >= self._prepare_at:
+                self._start_preparing(now)
+            self._progress(now)
+            self._converge(now)
+            self._check_crash_loops(now)
+            self._check_boot_failure()
+            self._check_ready(now)
+        elif self._stopping == "drain":
+            self._stop_http_last(now)
+        self._notify(now)
+        self._feed(now)
+
     def _wait(self, now: float) -> float:
-        deadlines = [now + MAX_WAIT]
+        deadlines = [now + MAX_WAIT, self._next_progress]
         if self._watchdog:
             deadlines.append(self._next_watchdog)
         if any(c.feed for c in self.children.values()):
             deadlines.append(self._next_feed)
-        if not self._ready and self._stopping is None:
+        if self.prepared and not self._ready and self._stopping is None:
             deadlines.append(self._ready_deadline)
+        if not self.prepared and self._preparer is None:
+            deadlines.append(self._prepare_at)
+        deadlines += [h.deadline for h in self.helpers.values()]
         for child in self.children.values():
             if child.quit_at is not None and not child.quit_sent:
                 deadlines.append(child.quit_at)
@@ -248,7 +393,7 @@ class Supervisor:
                 deadlines.append(child.last_heard + self.settings.child_timeout)
         if self._stopping is None:
             running = {c.spec for c in self.children.values() if c.stopping_since is None}
-            for spec in self.specs:
+            for spec in self._startable():
                 if spec not in running:
                     deadlines.append(self._restarts(spec).next_start)
         return max(0.0, min(deadlines) - now)
@@ -258,12 +403,35 @@ class Supervisor:
 
     # -- children -------------------------------------------------------------------------
 
+    def _startable(self) -> list[ChildSpec]:
+        """The specs that may run now: all once the database is prepared, before that only
+        the http child (it needs no database to say how the master is)."""
+        return self.specs if self.prepared else [s for s in self.specs if s.kind == HTTP]
+
     def _converge(self, now: float) -> None:
         """Start every wanted child that has no process and whose restart delay is over."""
         running = {c.spec for c in self.children.values() if c.stopping_since is None}
-        for spec in self.specs:
+        for spec in self._startable():
             if spec not in running and now >= self._restarts(spec).next_start:
                 self._spawn(spec)
+
+    def _inherited(self) -> list[int]:
+        """The master's fds a fork must close: its wake-up pipe, selector, every child's and
+        helper's pipe. (The listening socket is closed by `_drop_listener`.)"""
+        fds = [self._wake_r, self._wake_w]
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            fds.append(self.selector.fileno())  # type: ignore[attr-defined]
+        for child in self.children.values():
+            fds.append(child.fd)
+            if child.feed is not None:
+                fds.append(child.feed.fd)
+        fds += [helper.fd for helper in self.helpers.values()]
+        return fds
+
+    def _drop_listener(self) -> None:
+        """In a fork that does not serve http: close its copy of the listening socket."""
+        if self.listener is not None:
+            self.listener.close()
 
     def _spawn(self, spec: ChildSpec) -> None:
         read_fd, write_fd = os.pipe()
@@ -318,18 +486,14 @@ class Supervisor:
         write_fd: int,
         feed_fd: int | None,
         master_ends: list[int],
-        dead_workers: tuple[int, ...],
+        dead_workers: tuple[tuple[int, str], ...],
     ) -> int:
         """Runs in the forked child: clean up what came from the master, then serve. The
         master's ends of this child's own pipes are closed too, so that a dead master shows
         as a broken pipe (and, for the http child, as the end of its feed)."""
-        inherited = [self._wake_r, self._wake_w, *master_ends]
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            inherited.append(self.selector.fileno())  # type: ignore[attr-defined]
-        for child in self.children.values():
-            inherited.append(child.fd)
-            if child.feed is not None:
-                inherited.append(child.feed.fd)
+        inherited = [*self._inherited(), *master_ends]
+        if spec.kind != HTTP:
+            self._drop_listener()
         become_child(
             master_pid=self.pid,
             role=spec.kind,
@@ -349,6 +513,7 @@ class Supervisor:
             index=spec.index,
             dead_workers=dead_workers,
             feed_fd=feed_fd,
+            listener=self.listener if spec.kind == HTTP else None,
         )
         return role_entry(spec.kind)(context)
 
@@ -392,6 +557,10 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            helper = self.helpers.pop(pid, None)
+            if helper is not None:
+                self._helper_exited(helper, status)
+                continue
             child = self.children.pop(pid, None)
             if child is None:
                 log.debug("reaped process %d, not one of ours", pid)
@@ -405,11 +574,15 @@ class Supervisor:
         child.close()
         self.metric_store.forget(child.source)
         how, fields = describe_exit(status, killed_by_us=child.killed)
+        if child.kill_reason is not None and os.WIFSIGNALED(status):
+            how = child.kill_reason
         fields.update(child.fields())
         if child.spec.kind == WORKER and child.process_id is not None:
             # Gone for sure: whatever it still held can be released without waiting for
-            # leases to expire. (A worker that exited cleanly held nothing: a no-op.)
-            self._dead_workers.setdefault(child.spec.queue or "", []).append(child.process_id)
+            # leases to expire, and its jobs' errors say how it died. (A worker that exited
+            # cleanly held nothing: a no-op.)
+            dead = self._dead_workers.setdefault(child.spec.queue or "", [])
+            dead.append((child.process_id, how))
         if child.stopping_since is not None or self._stopping is not None:
             log.info("%s exited: %s", child.spec.name, how, extra=fields)
             return
@@ -420,16 +593,16 @@ class Supervisor:
             restarts.next_start = now
             return
         was_looping = restarts.crash_looping
-        delay = restarts.exited(child, now)
+        delay = restarts.exited(child, now, how)
         restarts.total += 1
         self.metrics.child_restarts.inc(child.spec.kind)
         if restarts.crash_looping and not was_looping:
             log.error(
-                "%s is crash-looping: it exited %d times in a row before it booted (last: %s); "
-                "the other children keep running and it is retried every %.0fs: fix the error "
-                "logged above",
+                "%s is crash-looping: %s (last: %s); the other children keep running and it "
+                "is restarted in %.0fs: fix the error logged above (for a worker, look for a "
+                "job that kills its process: `jobqctl jobs --state dead`)",
                 child.spec.name,
-                restarts.boot_failures,
+                restarts.describe(),
                 how,
                 delay,
                 extra=fields,
@@ -442,6 +615,24 @@ class Supervisor:
                 delay,
                 extra=fields,
             )
+
+    def _check_crash_loops(self, now: float) -> None:
+        """Let deaths age out of the crash-loop window: say when a loop is over, and keep
+        the crash-loop gauge per child kind and queue."""
+        looping: dict[tuple[str, str], int] = {}
+        for spec in self.specs:
+            restarts = self._restarts(spec)
+            if restarts.refresh(now) and not restarts.crash_looping:
+                log.info(
+                    "%s is no longer crash-looping (%d restarts in all)",
+                    spec.name,
+                    restarts.total,
+                    extra={"child": spec.name, "child_role": spec.kind},
+                )
+            key = (spec.kind, spec.queue or "")
+            looping[key] = looping.get(key, 0) + int(restarts.crash_looping)
+        for (kind, queue), count in looping.items():
+            self.metrics.child_crash_looping.set(count, kind, queue)
 
     def _check_boot_failure(self) -> None:
         """When no worker has ever booted and every worker spec crash-loops, the code or its
@@ -469,6 +660,8 @@ class Supervisor:
         child.signal(signal.SIGTERM)
 
     def _drain(self, reason: str) -> None:
+        """TERM every child but http, which keeps answering probes and scrapes until the
+        last of the others has exited (`_stop_http_last`)."""
         self._stopping = "drain"
         timeout = self.settings.shutdown_timeout
         log.info(
@@ -477,15 +670,30 @@ class Supervisor:
             timeout,
         )
         sdnotify.notify("STOPPING=1", "STATUS=draining")
+        self._stop_helpers()
         now = time.monotonic()
         for child in self.children.values():
-            self._stop_child(child, now, timeout)
+            if child.spec.kind != HTTP:
+                self._stop_child(child, now, timeout)
+        self._stop_http_last(now)
+
+    def _stop_http_last(self, now: float) -> None:
+        if any(c.spec.kind != HTTP for c in self.children.values()):
+            return
+        for child in self.children.values():
+            self._stop_child(child, now, self.settings.shutdown_timeout)
+
+    def _stop_helpers(self) -> None:
+        for helper in self.helpers.values():
+            helper.kill()
+        self._pending_reload = None
 
     def _fast_stop(self, reason: str) -> None:
         if self._stopping is None:
             sdnotify.notify("STOPPING=1", "STATUS=stopping")
         self._stopping = "fast"
         log.warning("%s: stopping fast; running jobs are released to their queues", reason)
+        self._stop_helpers()
         now = time.monotonic()
         for child in self.children.values():
             child.stopping_since = child.stopping_since or now
@@ -501,6 +709,7 @@ class Supervisor:
         for child in self.children.values():
             if self._watched(child) and now - child.last_heard > self.settings.child_timeout:
                 child.killed = True
+                child.kill_reason = HUNG
                 log.error(
                     "%s sent nothing for %.0fs (child_timeout): it is hung; killing it and "
                     "starting another. If this repeats, look for a task that blocks in C code "
@@ -530,6 +739,7 @@ class Supervisor:
     def _abort(self) -> None:
         """Last resort after a bug in the loop: QUIT every child, SIGKILL what is left."""
         deadline = time.monotonic() + FAST_STOP_GRACE
+        self._stop_helpers()
         for child in self.children.values():
             child.signal(signal.SIGQUIT)
         while self.children and time.monotonic() < deadline:
@@ -549,25 +759,81 @@ class Supervisor:
     # -- reload ---------------------------------------------------------------------------
 
     def _reload(self) -> None:
+        """Parse the config file here (plain YAML, no user code), then check it the way
+        `jobqd --check` does in a helper process, which imports the modules and resolves
+        the tasks and cron entries; `_checked` applies it only if that passed."""
         sdnotify.reloading()
         log.info("reloading %s", self.config_path)
         try:
             new = config.load(self.config_path)
         except config.ConfigError as exc:
-            for error in exc.errors:
-                log.error("reload: %s", error)
-            log.error(
-                "reload failed: %s has %d error(s); still running on the previous configuration",
-                self.config_path,
-                len(exc.errors),
-            )
-            self._reload_failed = True
-            self._status = self.status_line()
-            sdnotify.notify("READY=1", f"STATUS={self._status}")
+            self._reload_failed_with(exc.errors)
             return
-        self._reload_failed = False
+        if self._checker is not None:  # a newer HUP wins over a check still running
+            self._checker.kill()
+        path = self.config_path
+
+        def work(report: Any) -> dict[str, Any]:
+            self._drop_listener()
+            from jobqd.cli.daemon import check_config
+
+            errors, warnings = check_config(path)
+            return {"errors": errors, "warnings": warnings}
+
+        self._pending_reload = new
+        self._checker = self._start_helper("reload check", work, time.monotonic() + CHECK_TIMEOUT)
+        if self._checker is None:
+            self._reload_failed_with(["cannot start the configuration check (fork failed)"])
+
+    def _checked(self, verdict: dict[str, Any] | None, how: str) -> None:
+        new, self._pending_reload = self._pending_reload, None
+        if new is None or self._stopping is not None:
+            return
+        if verdict is None:
+            self._reload_failed_with([f"the configuration check did not finish: {how}"])
+            return
+        for warning in verdict.get("warnings") or ():
+            log.warning("reload: %s: warning: %s", self.config_path, warning)
+        if verdict.get("errors"):
+            self._reload_failed_with([str(e) for e in verdict["errors"]])
+            return
+        self._apply_reload(new)
+
+    def _reload_failed_with(self, errors: list[str]) -> None:
+        for error in errors:
+            log.error("reload: %s", error)
+        log.error(
+            "reload failed: %s has %d error(s); still running on the previous configuration",
+            self.config_path,
+            len(errors),
+        )
+        self._reload_failed = True
+        self._status = self.status_line()
+        sdnotify.notify("READY=1", f"STATUS={self._status}")
+
+    def _rebind(self, plan: ReloadPlan) -> bool:
+        """Bind a changed http.listen before anything else changes; False if it cannot be."""
+        old, new = self.settings.http.listen, plan.settings.http.listen
+        if new == old:
+            return True
+        listener = None
+        if new:
+            try:
+                listener = bind_listener(plan.settings.http)
+            except OSError as exc:
+                self._reload_failed_with([listen_error(plan.settings.http, exc)])
+                return False
+        if self.listener is not None:
+            self.listener.close()  # the running http child keeps its own copy until it exits
+        self.listener = listener
+        return True
+
+    def _apply_reload(self, new: config.Settings) -> None:
         old = self.settings
         plan = plan_reload(old, self.specs, new)
+        if not self._rebind(plan):
+            return
+        self._reload_failed = False
         if plan.database_changed:
             log.warning("database settings changed: they take effect at the next restart")
         if plan.log_changed:
@@ -594,7 +860,7 @@ class Supervisor:
     # -- reporting ------------------------------------------------------------------------
 
     def _check_ready(self, now: float) -> None:
-        if self._ready:
+        if self._ready or not self.prepared:
             return
         running = {c.spec for c in self.children.values() if c.booted}
         settled = all(spec in running or self._restarts(spec).crash_looping for spec in self.specs)
@@ -635,6 +901,7 @@ class Supervisor:
             self.children.values(),
             self.specs,
             self.restarts,
+            preparing=self.preparing,
             ready=self._ready,
             stopping=self._stopping is not None,
             status=self.status_line(),

@@ -4,14 +4,23 @@ The master cannot serve HTTP itself (it forks at any time, so it runs no threads
 database connection); it feeds this child instead, over `feed_fd`, one JSON object per line:
 `metrics` (the node's aggregated counters, a full `MetricStore.snapshot()`) and `health` (the
 children and when the master last turned its loop). EOF on the feed means the master is gone.
+
+The master binds `http.listen` itself (a taken address fails the start) and this child serves
+on the socket it inherits; it starts before the database is reached and, in a drain, is
+stopped only after the last worker has exited. It also writes the node's health (each
+child's restarts and crash loops, as the master reports them) into its own jobqd.processes
+row every `HEALTH_WRITE_INTERVAL`, which is how `jobqctl status` sees crash loops: the
+master has no database connection, and a child that crash-loops may never get a row.
 Database gauges (jobs per queue and state, oldest due job) are counted here with sessions of
 this child's own and cached for `GAUGE_TTL`, so a scrape costs at most one query a second.
 
 Endpoints:
   GET /metrics     Prometheus text 0.0.4
   GET /healthz     200 while the master fed us in the last `HEALTH_WINDOW` seconds, else 503
-  GET /readyz      200 when the database answers, migrations are current and every child has
-                   booted; else 503 and which check failed
+                   (the database plays no part: the master feeds us while it waits for it)
+  GET /readyz      200 when the master has prepared the database, the database answers,
+                   migrations are current and every child has booted and none crash-loops;
+                   else 503 and which check failed
   POST /jobs       enqueue (bearer token), 201 {"id": ...}
   GET /jobs/{id}   one job (bearer token)
   GET /queues      queue status (bearer token)
@@ -42,7 +51,13 @@ from psycopg.conninfo import make_conninfo
 
 from jobqd.config.durations import parse_duration
 from jobqd.daemon.ipc import Sender, Status
-from jobqd.daemon.lifecycle import STATUS_INTERVAL, ChildContext, ChildProcess, Stopping
+from jobqd.daemon.lifecycle import (
+    STATUS_INTERVAL,
+    ChildContext,
+    ChildProcess,
+    ProcessRow,
+    Stopping,
+)
 from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError, first_line
 from jobqd.observe.metrics import (
     CONTENT_TYPE,
@@ -54,6 +69,7 @@ from jobqd.observe.metrics import (
 from jobqd.store import admin, migrate
 from jobqd.store import jobs as job_rows
 from jobqd.store.connections import connect
+from jobqd.store.sql import queries
 
 log = logging.getLogger("jobqd.http")
 
@@ -66,6 +82,8 @@ REQUEST_TIMEOUT = 10.0
 DB_TIMEOUT_MS = 5_000
 CONNECT_TIMEOUT = 3
 SESSIONS = 4
+HEALTH_WRITE_INTERVAL = 2.0
+"""Seconds between writes of the node's health into this child's jobqd.processes row."""
 _JOB_PATH = re.compile(r"/jobs/([^/]+)")
 _JOB_KEYS = frozenset(
     {
@@ -263,8 +281,13 @@ class App:
         return None, None
 
     def readyz(self) -> tuple[HTTPStatus, dict[str, Any]]:
-        database, migrations = self._database.get()
         _, health, _ = self.feed.state()
+        preparing = (health or {}).get("preparing")
+        if preparing:  # the master is still waiting for the database, or migrating it
+            checks = {"database": preparing, "migrations": "not yet", "children": "not started"}
+            body = {"ready": False, "checks": checks, "error": f"database: {preparing}"}
+            return HTTPStatus.SERVICE_UNAVAILABLE, body
+        database, migrations = self._database.get()
         checks = {
             "database": database or "ok",
             "migrations": migrations or "ok",
@@ -349,15 +372,32 @@ def _children_problem(health: dict[str, Any] | None) -> str | None:
         return "no health report from the master yet"
     if health.get("stopping"):
         return "the daemon is stopping"
-    down = []
+    looping, down = [], []
     for name, child in sorted((health.get("children") or {}).items()):
         if name == "http" or not isinstance(child, dict):
             continue
         if child.get("crash_looping"):
-            down.append(f"{name} (crash loop)")
+            looping.append(f"{name} ({child.get('crash_loop')}; last: {child.get('last_exit')})")
         elif not child.get("booted"):
             down.append(name)
-    return f"not booted: {', '.join(down)}" if down else None
+    problems = []
+    if looping:
+        problems.append(f"crash-looping: {', '.join(looping)}")
+    if down:
+        problems.append(f"not booted: {', '.join(down)}")
+    return "; ".join(problems) or None
+
+
+def node_health(health: dict[str, Any]) -> dict[str, Any]:
+    """What this child writes into its jobqd.processes row about the node: the master's
+    pid-free view of each child (restarts, crash loop, last exit) and what it waits for."""
+    keys = ("role", "queue", "booted", "restarts", "crash_looping", "crash_loop", "last_exit")
+    children = {
+        name: {key: child.get(key) for key in keys}
+        for name, child in (health.get("children") or {}).items()
+        if isinstance(child, dict)
+    }
+    return {"children": children, "preparing": health.get("preparing") or None}
 
 
 def _enqueue_arguments(body: Any) -> dict[str, Any]:
@@ -522,14 +562,24 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 64
 
 
-def make_server(settings: Any, app: App) -> ThreadingHTTPServer:
-    """Bind `http.listen` (IPv4 or IPv6) with a handler class bound to `app`."""
+def make_server(
+    settings: Any, app: App, listener: socket.socket | None = None
+) -> ThreadingHTTPServer:
+    """A server for `app` on `listener` (the socket the master bound), or binding
+    `http.listen` itself (IPv4 or IPv6) when there is none."""
     host, port = settings.http.host, settings.http.port
     handler = type("BoundHandler", (Handler,), {"app": app, "max_body": settings.http.max_body})
     server_class = _Server
     if ":" in (host or ""):
         server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
-    return server_class((host, port), handler)
+    if listener is None:
+        return server_class((host, port), handler)
+    server = server_class((host, port), handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = listener
+    server.server_address = listener.getsockname()[:2]
+    server.server_name, server.server_port = str(host), int(server.server_address[1])
+    return server
 
 
 class HttpChild(ChildProcess):
@@ -548,15 +598,50 @@ class HttpChild(ChildProcess):
         sender: Sender | None,
         parent_pid: int | None,
         on_title: Callable[[str], None] | None,
+        sessions: Sessions | None = None,
     ) -> None:
-        super().__init__(sender=sender, parent_pid=parent_pid, on_title=on_title)
+        row = ProcessRow(queries(settings.database.schema), "http", fields={"child": "http"})
+        super().__init__(sender=sender, parent_pid=parent_pid, on_title=on_title, row=row)
         self.settings = settings
         self.server = server
         self.feed = feed
+        self.sessions = sessions
+        self._done = threading.Event()
+
+    def metadata(self) -> dict[str, Any]:
+        _, health, _ = self.feed.state()
+        return node_health(health or {})
+
+    def _write_health(self) -> None:
+        """Keep the node's health in this child's jobqd.processes row; while the database
+        is away there is nothing to write to, and /readyz says so."""
+        while not self._done.wait(HEALTH_WRITE_INTERVAL):
+            if self.sessions is None or self.feed.state()[1] is None:
+                continue
+            try:
+                with self.sessions.session() as conn:
+                    if self.process_id is None:
+                        self.register(conn)
+                    else:
+                        self.heartbeat(conn)
+            except (psycopg.Error, DatabaseUnavailable):
+                continue
+
+    def _deregister(self) -> None:
+        self._done.set()
+        if self.sessions is None or self.process_id is None:
+            return
+        with (
+            contextlib.suppress(psycopg.Error, DatabaseUnavailable),
+            self.sessions.session() as conn,
+        ):
+            self.deregister(conn)
 
     def run(self, feed_fd: int, token: str | None) -> int:
         thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
         thread.start()
+        writer = threading.Thread(target=self._write_health, name="health", daemon=True)
+        writer.start()
         self.on_title(f"http {self.settings.http.listen}")
         log.info(
             "serving /metrics, /healthz, /readyz and the JSON API on %s%s",
@@ -569,6 +654,7 @@ class HttpChild(ChildProcess):
         finally:
             self.server.shutdown()
             self.server.server_close()
+            self._deregister()
         return EXIT_OK
 
     def _follow(self, feed_fd: int) -> None:
@@ -596,18 +682,25 @@ def serve(
     sender: Sender | None = None,
     parent_pid: int | None = None,
     on_title: Callable[[str], None] | None = None,
+    listener: socket.socket | None = None,
 ) -> int:
     """Serve until the feed closes (the master is gone), TERM/QUIT, or the parent changes."""
     feed = Feed()
     token = os.environ.get(settings.http.token_env) or None
     app = App(settings, dsn, feed, token)
     try:
-        server = make_server(settings, app)
+        server = make_server(settings, app, listener)
     except OSError as exc:
         log.error("cannot listen on %s: %s", settings.http.listen, exc.strerror or exc)
         return EXIT_FAILURE
     child = HttpChild(
-        settings, server, feed, sender=sender, parent_pid=parent_pid, on_title=on_title
+        settings,
+        server,
+        feed,
+        sender=sender,
+        parent_pid=parent_pid,
+        on_title=on_title,
+        sessions=app.sessions,
     )
     child.install_signals()
     try:
@@ -626,4 +719,5 @@ def serve_child(child: ChildContext) -> int:
         sender=child.sender,
         parent_pid=child.parent_pid,
         on_title=child.on_title,
+        listener=child.listener,
     )

@@ -53,18 +53,28 @@ class Released(NamedTuple):
         }
 
 
-def release(conn: psycopg.Connection, sql: Queries, process_ids: Sequence[int]) -> list[Released]:
-    """Release at once the running jobs of processes known to be dead: their leases end now
-    and the expired-lease statement decides each job, so retries, attempt limits and
-    at-most-once delivery come out exactly as for a lease that ran out. One transaction (a
+def release(
+    conn: psycopg.Connection, sql: Queries, dead: Sequence[tuple[int, str | None]]
+) -> list[Released]:
+    """Release at once the running jobs of processes known to be dead, given as (process id,
+    how it died or None): their leases end now and the expired-lease statement decides each
+    job, so retries, attempt limits and at-most-once delivery come out exactly as for a lease
+    that ran out, and each job's error says `worker process exited: HOW`. One transaction (a
     savepoint inside the caller's)."""
+    by_reason: dict[str | None, list[int]] = {}
+    for process_id, reason in dead:
+        by_reason.setdefault(reason, []).append(process_id)
+    released: list[Released] = []
     with conn.transaction():
-        expired = conn.execute(sql.leases_expire_dead, {"process_ids": list(process_ids)}).rowcount
-        if not expired:
-            return []
-        # The expired leases sort first (-infinity), so this batch is theirs.
-        rows = conn.execute(sql.leases_release_expired, {"batch": expired}).fetchall()
-    return [Released(*row) for row in rows]
+        for reason, process_ids in by_reason.items():
+            expired = conn.execute(sql.leases_expire_dead, {"process_ids": process_ids}).rowcount
+            if expired:
+                # The expired leases sort first (-infinity), so this batch is theirs.
+                rows = conn.execute(
+                    sql.leases_release_expired, {"batch": expired, "reason": reason}
+                ).fetchall()
+                released += [Released(*row) for row in rows]
+    return released
 
 
 @dataclass
@@ -96,9 +106,9 @@ def run_once(
     with conn.transaction():
         silent = conn.execute(sql.processes_silent, {"grace": grace, "batch": batch}).fetchall()
         if silent:
-            result.add(release(conn, sql, [row[0] for row in silent]), metrics)
+            result.add(release(conn, sql, [(row[0], None) for row in silent]), metrics)
     for _ in range(MAX_BATCHES):
-        rows = conn.execute(sql.leases_release_expired, {"batch": batch}).fetchall()
+        rows = conn.execute(sql.leases_release_expired, {"batch": batch, "reason": None}).fetchall()
         result.add([Released(*row) for row in rows], metrics)
         if len(rows) < batch:
             break

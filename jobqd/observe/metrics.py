@@ -405,6 +405,7 @@ class JobqdMetrics:
     lease_expirations: Counter  # queue
     cron_fires: Counter  # entry
     child_restarts: Counter  # role
+    child_crash_looping: Gauge  # role, queue
     queue_jobs: Gauge  # queue, state
     queue_oldest_job_age: Gauge  # queue
     leader: Gauge
@@ -447,6 +448,11 @@ def define_jobqd_metrics(store: MetricStore) -> JobqdMetrics:
             "jobqd_child_restarts_total",
             "Child processes restarted after exiting unexpectedly.",
             ("role",),
+        ),
+        child_crash_looping=store.gauge(
+            "jobqd_child_crash_looping",
+            "Child processes of this kind (and queue, for workers) that are crash-looping.",
+            ("role", "queue"),
         ),
         queue_jobs=store.gauge(
             "jobqd_queue_jobs",

@@ -10,10 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +45,6 @@ def reloading() -> bool:
     """Announce a reload; systemd wants ``MONOTONIC_USEC`` with it, and ``READY=1`` after."""
     usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     return notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
-
-
-@contextmanager
-def long_start_step(what: str, every: float = 5.0) -> Iterator[None]:
-    """Report progress while a start-up step of unknown length runs (a migration, or waiting
-    for another node's): every `every` seconds a log line, a STATUS and EXTEND_TIMEOUT_USEC, so
-    systemd's TimeoutStartSec does not kill a daemon that is making progress."""
-    done = threading.Event()
-    began = time.monotonic()
-
-    def report() -> None:
-        while not done.wait(every):
-            elapsed = time.monotonic() - began
-            log.info("%s: still at it after %.0fs", what, elapsed)
-            notify(
-                f"EXTEND_TIMEOUT_USEC={int(every * 3_000_000)}",
-                f"STATUS={what} ({elapsed:.0f}s)",
-            )
-
-    thread = threading.Thread(target=report, name="jobqd start progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
 
 
 def watchdog_interval() -> float | None:

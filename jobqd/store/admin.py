@@ -69,7 +69,33 @@ def status(
         "queues": queue_status(conn, schema),
         "processes": listed,
         "leader": holder,
+        "crash_loops": crash_loops(listed),
     }
+
+
+def crash_loops(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The children crash-looping on each node, as its http process last wrote them into
+    its row (the master has no database connection; see jobqd.http.server): host, child,
+    role, queue, why (`crash_loop`), `last_exit` and `restarts`. Stale rows are left out."""
+    loops = []
+    for row in found:
+        if row["role"] != "http" or row["stale"]:
+            continue
+        children = (row.get("metadata") or {}).get("children") or {}
+        for name, child in sorted(children.items()):
+            if isinstance(child, dict) and child.get("crash_looping"):
+                loops.append(
+                    {
+                        "host": row["host"],
+                        "child": name,
+                        "role": child.get("role"),
+                        "queue": child.get("queue"),
+                        "crash_loop": child.get("crash_loop"),
+                        "last_exit": child.get("last_exit"),
+                        "restarts": child.get("restarts"),
+                    }
+                )
+    return loops
 
 
 def queue_depth(

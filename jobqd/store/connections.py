@@ -125,7 +125,12 @@ def describe_failure(dsn: str, exc: BaseException) -> str:
     if params.get("port"):
         where += f":{params['port']}"
     db = params.get("dbname", "")
-    return (
-        f"cannot connect to PostgreSQL at {where}/{db}: {first_line(exc)} "
-        "(check that the server is running and database.url / --dsn / JOBQD_DATABASE_URL)"
-    )
+    if "unsupported startup parameter" in str(exc):
+        hint = (
+            "a pooler such as pgbouncer refused the 'options' parameter jobqd sends its session "
+            "settings in: add `ignore_startup_parameters = options` to pgbouncer.ini (and use "
+            "pool_mode = session), or connect to PostgreSQL directly; see docs/pgbouncer.md"
+        )
+    else:
+        hint = "check that the server is running and database.url / --dsn / JOBQD_DATABASE_URL"
+    return f"cannot connect to PostgreSQL at {where}/{db}: {first_line(exc)} ({hint})"

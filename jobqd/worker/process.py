@@ -74,7 +74,8 @@ class WorkerConfig:
     events: bool | None
     shutdown_timeout: float
     statement_timeout: float
-    dead_workers: tuple[int, ...] = ()  # process ids of this queue's workers the master saw die
+    # (process id, how it died) of this queue's workers the master saw die
+    dead_workers: tuple[tuple[int, str], ...] = ()
     index: int = 0
 
     @property
@@ -83,7 +84,12 @@ class WorkerConfig:
 
     @classmethod
     def from_settings(
-        cls, dsn: str, settings: Any, queue: str, index: int = 0, dead_workers: tuple[int, ...] = ()
+        cls,
+        dsn: str,
+        settings: Any,
+        queue: str,
+        index: int = 0,
+        dead_workers: tuple[tuple[int, str], ...] = (),
     ) -> WorkerConfig:
         q = settings.queues[queue]
         return cls(
@@ -229,15 +235,16 @@ class Worker(ChildProcess):
 
     # -- life -----------------------------------------------------------------------------
 
-    def release_dead(self, process_ids: tuple[int, ...]) -> None:
-        """Release at once the jobs of predecessors the master saw die, rather than leave
-        them to the reaper when their leases expire: a dead process cannot write any more.
-        They go through the reaper's own function, so retries, attempt limits and
-        at-most-once delivery are decided exactly as for an expired lease."""
+    def release_dead(self, dead: tuple[tuple[int, str], ...]) -> None:
+        """Release at once the jobs of predecessors the master saw die, given as (process
+        id, how it died), rather than leave them to the reaper when their leases expire: a
+        dead process cannot write any more. They go through the reaper's own function, so
+        retries, attempt limits and at-most-once delivery are decided exactly as for an
+        expired lease, and each job's error says how its worker died."""
         db = self._db()
         with db.transaction():
-            jobs = reaper.release(db, self.sql, process_ids)
-            for process_id in process_ids:
+            jobs = reaper.release(db, self.sql, dead)
+            for process_id, _ in dead:
                 db.execute(self.sql.processes_deregister, {"process_id": process_id})
         for job in jobs:
             log.warning(

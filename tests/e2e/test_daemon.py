@@ -68,7 +68,10 @@ def test_killed_worker_is_restarted_and_its_job_runs_again_at_once(jobqd, ledger
             "SELECT count(*) FROM jobqd.processes WHERE pid = %s", (worker,)
         ).fetchone()[0]
     assert runs == [(1, worker), (2, replacement)]
-    assert error[0]["kind"] == "LeaseExpired" and f"pid {worker}" in error[0]["message"]
+    assert error[0]["kind"] == "WorkerExited" and f"pid {worker}" in error[0]["message"]
+    assert error[0]["message"].startswith(
+        "worker process exited: killed by SIGKILL (out of memory?) (process "
+    )
     assert dead_rows == 0, "the dead worker's registration is removed"
     assert daemon.find_log(lambda r: r.get("job_id") == job and "released" in r["message"])
 
@@ -93,12 +96,16 @@ def test_a_hung_worker_is_killed_after_child_timeout_and_its_job_runs_again(jobq
     assert hung is not None and hung["level"] == "ERROR"
     exit_line = daemon.wait_log(lambda r: r.get("child_pid") == worker and "signal" in r)
     assert exit_line["signal"] == "SIGKILL" and "out of memory" not in exit_line["message"]
+    assert "killed after child_timeout" in exit_line["message"]
 
     wait_for(
         lambda: states(ledger, [job]) == {"succeeded": 1}, timeout=10, what="the job to run again"
     )
     started = "job_id = %s AND pid = %s AND task = 'test.sleep'"
     assert ledger_count(ledger, started, (job, replacement)) == 1
+    with psycopg.connect(ledger, autocommit=True) as conn:
+        [(errors,)] = conn.execute("SELECT errors FROM jobqd.jobs WHERE id = %s", (job,))
+    assert errors[0]["message"].startswith("worker process exited: killed after child_timeout")
 
 
 CRASHING_MODULE = '''

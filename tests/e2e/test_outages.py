@@ -171,7 +171,6 @@ def test_no_job_runs_twice_at_once_across_a_half_open_link(pg, proxy, daemons, r
     assert [r for r in runs if r.end is None] == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the http child waits for the database")
 def test_healthz_answers_while_the_database_is_down(pg, daemons):
     port = free_port()
     pg.stop()
@@ -188,7 +187,6 @@ def test_healthz_answers_while_the_database_is_down(pg, daemons):
     assert daemon.proc is not None and daemon.proc.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a busy listen port leaves the daemon running")
 def test_a_busy_listen_port_fails_the_start(pg, daemons):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]

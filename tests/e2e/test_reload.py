@@ -68,3 +68,32 @@ def test_hup_with_a_broken_config_keeps_the_running_children(jobqd, ledger):
     wait_for(lambda: states(ledger, ids) == {"succeeded": 3}, what="jobs to run after the reload")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(15) == 0
+
+
+def test_hup_with_an_unimportable_module_changes_nothing(jobqd, ledger):
+    """What `jobqd --check` rejects, a reload rejects: checked in a helper process, so the
+    master imports no user code, and the running children stay as they are."""
+    config = _two_queues(ledger)
+    daemon = jobqd(config)
+    before = {daemon.booted("worker a#0"), daemon.booted("worker b#0")}
+    maintenance = daemon.booted("maintenance")
+
+    config["imports"] = ["helpers", "no_such_module_anywhere"]
+    config["queues"]["a"]["concurrency"] = 3  # would replace worker a#0 if it were applied
+    daemon.write_config(config)
+    daemon.signal(signal.SIGHUP)
+
+    failed = daemon.wait_log(lambda r: r.get("message", "").startswith("reload failed"))
+    assert failed["level"] == "ERROR" and "1 error(s)" in failed["message"]
+    error = daemon.find_log(lambda r: "no_such_module_anywhere" in r.get("message", ""))
+    assert error["message"].startswith(f"reload: {daemon.config_path}:")
+    assert not daemon.find_log(lambda r: r.get("message", "").startswith("reloaded"))
+    workers = {p for p, t in daemon.children().items() if t.startswith("jobqd: worker")}
+    assert workers == before and alive(maintenance)
+    assert daemon.children()[maintenance].startswith("jobqd: maintenance")
+
+    ids = enqueue(ledger, "test.record", queue="a", count=3)
+    wait_for(lambda: states(ledger, ids) == {"succeeded": 3}, what="jobs to run after the reload")
+    assert {p for p, t in daemon.children().items() if t.startswith("jobqd: worker")} == before
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(15) == 0

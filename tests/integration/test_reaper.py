@@ -45,7 +45,7 @@ def test_release_takes_back_only_the_dead_processes_jobs_before_their_leases_end
     exhausted = running_job(conn, dead, attempt=3, max_attempts=3)
     other = running_job(conn, alive)
 
-    taken = sorted(release(conn, queries(), [dead]))
+    taken = sorted(release(conn, queries(), [(dead, "killed by SIGKILL (out of memory?)")]))
 
     assert [(job.job_id, job.state) for job in taken] == [(retried, "queued"), (exhausted, "dead")]
     assert [job.outcome for job in taken] == [
@@ -58,7 +58,13 @@ def test_release_takes_back_only_the_dead_processes_jobs_before_their_leases_end
         "dead",
         "running",
     )
-    assert release(conn, queries(), [dead]) == []
+    error = "worker process exited: killed by SIGKILL (out of memory?)"
+    for job_id in (retried, exhausted):
+        row = conn.execute(
+            "SELECT last_error, errors->-1->>'kind' FROM jobqd.jobs WHERE id = %s", (job_id,)
+        ).fetchone()
+        assert row[0].startswith(f"{error} (process {dead},") and row[1] == "WorkerExited"
+    assert release(conn, queries(), [(dead, None)]) == []
 
 
 def test_the_reaper_duty_counts_what_it_took_back_and_is_due_every_interval(conn):

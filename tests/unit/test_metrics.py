@@ -150,6 +150,7 @@ def test_render_is_valid_exposition():
         "jobqd_lease_expirations": "counter",
         "jobqd_cron_fires": "counter",
         "jobqd_child_restarts": "counter",
+        "jobqd_child_crash_looping": "gauge",
         "jobqd_queue_jobs": "gauge",
         "jobqd_queue_oldest_job_age_seconds": "gauge",
         "jobqd_leader": "gauge",

@@ -26,7 +26,7 @@ from jobqd.daemon.children import (
     Restarts,
     specs_for,
 )
-from jobqd.daemon.prepare import prepare_database
+from jobqd.daemon.prepare import prepare
 from jobqd.daemon.reload import plan_reload
 from jobqd.daemon.supervisor import (
     EXIT_RECYCLE,
@@ -153,6 +153,7 @@ def config_path(tmp_path: Path) -> Path:
 def master(config_path: Path, clock: Clock, processes: Processes):
     """A master with its children started (none booted yet); its fds are closed afterwards."""
     made = Supervisor(config.load(config_path), config_path=str(config_path), migrate=False)
+    made.database_ready()
     made._converge(clock.now)
     yield made
     for child in made.children.values():
@@ -181,9 +182,20 @@ def boot(master: Supervisor, target: Child, process_id: int | None = None) -> No
 
 
 def send_signal(master: Supervisor, signum: int) -> None:
-    """Deliver `signum` the way the handler does: its number as a byte on the wake-up pipe."""
+    """Deliver `signum` the way the handler does: its number as a byte on the wake-up pipe.
+    A HUP's config check (a helper process) is played as passing, with its real verdict path."""
     os.write(master._wake_w, bytes([signum]))
     master._handle_signals()
+    if signum == signal.SIGHUP and master._checker is not None:
+        check_says(master, errors=[])
+
+
+def check_says(master: Supervisor, *, errors: list[str]) -> None:
+    """The reload check helper reports `errors` and exits."""
+    checker = master._checker
+    checker.messages.append({"kind": "verdict", "errors": errors, "warnings": []})
+    del master.helpers[checker.pid]
+    master._helper_exited(checker, exited(0))
 
 
 def restart(master: Supervisor, clock: Clock, name: str) -> Child:
@@ -213,7 +225,9 @@ def test_a_child_that_exits_is_restarted_after_a_doubling_backoff(master, proces
         master._reap()
         assert worker.pid not in master.children
         restarts = master.restarts[worker.spec.ident]
-        assert restarts.total == failures and not restarts.crash_looping
+        assert restarts.total == failures
+        # dying after boot keeps the growing backoff, and three deaths in the window are a loop
+        assert restarts.crash_looping == (failures >= CRASH_LOOP_AFTER)
         assert within(restarts.next_start - clock.now, expected)
         clock.advance(restarts.next_start - clock.now - 0.25)
         master._converge(clock.now)
@@ -312,12 +326,12 @@ def test_a_dead_workers_process_id_goes_to_the_next_worker_of_its_queue(master, 
     boot(master, worker, process_id=77)
     processes.exit(worker.pid, signal.SIGKILL)
     master._reap()
-    assert master._dead_workers == {"a": [77]}
+    assert master._dead_workers == {"a": [(77, "killed by SIGKILL (out of memory?)")]}
 
     processes.fork_error = OSError(11, "Resource temporarily unavailable")
     clock.now = master.restarts[worker.spec.ident].next_start
     master._converge(clock.now)
-    assert master._dead_workers == {"a": [77]}  # kept for the next try, one second later
+    assert master._dead_workers["a"][0][0] == 77  # kept for the next try, one second later
     assert master.restarts[worker.spec.ident].next_start == clock.now + 1.0
 
     processes.fork_error = None
@@ -432,12 +446,21 @@ def test_the_loop_drains_and_returns_once_every_child_is_gone(master, processes)
     assert master.children == {} and processes.alive == set()
 
 
-def test_sleep_before_the_children_exist_ends_early_on_a_stop_signal(master):
-    assert master._sleep(0.0) is False
-    os.write(master._wake_w, bytes([signal.SIGHUP]))
-    assert master._sleep(0.0) is False
-    os.write(master._wake_w, bytes([TERM]))
-    assert master._sleep(3600.0) is True
+def test_only_http_starts_before_the_database_is_prepared(config_path, clock, processes):
+    text = BASE + "http: {listen: '127.0.0.1:9'}\n"
+    config_path.write_text(text)
+    made = Supervisor(config.load(config_path), config_path=str(config_path), migrate=False)
+    try:
+        made._converge(clock.now)
+        assert [c.spec.name for c in made.children.values()] == ["http"]
+        assert made.health()["preparing"] == "starting"
+        made.database_ready()
+        made._converge(clock.now)
+        assert len(made.children) == 4 and made.health()["preparing"] == ""
+    finally:
+        for c in made.children.values():
+            c.close()
+        made.selector.close()
 
 
 # -- reload -------------------------------------------------------------------------------
@@ -578,6 +601,22 @@ def test_hup_with_a_broken_config_changes_nothing_and_says_so(master, processes,
     assert "reload failed" not in master.status_line()
 
 
+def test_hup_whose_check_fails_keeps_the_old_config_and_logs_each_error(
+    master, processes, config_path, caplog
+):
+    config_path.write_text(RELOADED)
+    before = dict(master.children)
+    os.write(master._wake_w, bytes([signal.SIGHUP]))
+    master._handle_signals()
+    assert master._checker is not None and master.children == before  # nothing until checked
+    check_says(master, errors=["imports[1]: cannot import 'nope'", "cron.x.task: no task"])
+    assert master.children == before and processes.signals == []
+    assert master.settings.queues["a"].concurrency == 4
+    assert "reload: imports[1]: cannot import 'nope'" in caplog.text
+    assert "reload: cron.x.task: no task" in caplog.text
+    assert master.status_line().endswith("running on the previous configuration")
+
+
 def test_hup_while_draining_is_ignored(master, processes, config_path):
     send_signal(master, TERM)
     config_path.write_text(RELOADED)
@@ -658,6 +697,8 @@ def test_health_has_one_entry_per_spec_and_none_pid_while_waiting():
         "leader": None,
         "restarts": 0,
         "crash_looping": False,
+        "crash_loop": None,
+        "last_exit": None,
     }
     assert a1["pid"] is None and a1["busy"] == 0 and a1["restarts"] == 4 and a1["crash_looping"]
     assert m["leader"] is True and m["booted"] is False
@@ -673,21 +714,82 @@ def test_supervisor_health_uses_the_master_clock(master, clock):
 # -- database preparation -----------------------------------------------------------------
 
 
-def test_prepare_database_without_migrations_does_not_connect():
-    database = settings().database
+def test_prepare_waits_with_backoff_and_says_why_until_the_database_answers():
     slept: list[float] = []
-    dsn = prepare_database(database, migrate=False, sleep=lambda s: slept.append(s) or True)
-    assert dsn == "postgresql://127.0.0.1:1/unused" and slept == []
+    said: list[dict] = []
 
+    class Stop(Exception):
+        pass
 
-def test_prepare_database_waits_with_backoff_until_told_to_stop():
-    database = settings().database  # port 1: connection refused
-    slept: list[float] = []
-
-    def sleep(seconds: float) -> bool:
+    def sleep(seconds: float) -> None:
         slept.append(seconds)
-        return len(slept) == 3
+        if len(slept) == 3:
+            raise Stop
 
-    assert prepare_database(database, migrate=True, sleep=sleep) is None
-    assert len(slept) == 3
+    with pytest.raises(Stop):  # port 1: connection refused, forever
+        prepare(settings().database.url, "jobqd", migrate=True, report=said.append, sleep=sleep)
     assert all(within(s, e) for s, e in zip(slept, [1.0, 2.0, 4.0], strict=True))
+    assert [m["kind"] for m in said] == ["progress"] * 3
+    assert all(m["state"].startswith("waiting for the database: cannot connect") for m in said)
+
+
+def test_deaths_after_boot_in_the_window_are_a_crash_loop_that_ages_out(master, processes, clock):
+    from jobqd.daemon.children import CRASH_LOOP_WINDOW
+
+    for _ in range(CRASH_LOOP_AFTER):
+        worker = restart(master, clock, "worker a#0")
+        boot(master, worker, process_id=7)
+        clock.advance(1.0)
+        processes.exit(worker.pid, exited(1))
+        master._reap()
+    restarts = master.restarts[worker.spec.ident]
+    assert restarts.crash_looping and restarts.last_exit == "exit status 1"
+    master._check_crash_loops(clock.now)
+    assert 'jobqd_child_crash_looping{role="worker",queue="a"} 1' in master.metric_store.render()
+    health = master.health()["children"]["worker a#0"]
+    assert health["crash_looping"] and "after it had booted" in health["crash_loop"]
+
+    boot(master, restart(master, clock, "worker a#0"))
+    assert restarts.crash_looping  # booting again does not end a loop of deaths after boot
+    clock.advance(CRASH_LOOP_WINDOW)
+    master._check_crash_loops(clock.now)
+    assert not restarts.crash_looping
+    assert 'jobqd_child_crash_looping{role="worker",queue="a"} 0' in master.metric_store.render()
+
+
+def test_a_worker_killed_for_silence_hands_on_that_reason(master, processes, clock):
+    worker = child(master, "worker a#0")
+    boot(master, worker, process_id=9)
+    clock.advance(master.settings.child_timeout + 1)
+    master._enforce_deadlines(clock.now)
+    assert processes.sent(worker.pid) == [KILL]
+    processes.exit(worker.pid, KILL)
+    master._reap()
+    assert master._dead_workers == {"a": [(9, "killed after child_timeout")]}
+
+
+def test_a_reload_that_moves_http_listen_rebinds_and_a_taken_address_keeps_the_old(
+    master, processes, config_path
+):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        first, busy = free_port(), taken.getsockname()[1]
+        config_path.write_text(BASE + f"http: {{listen: '127.0.0.1:{first}'}}\n")
+        send_signal(master, signal.SIGHUP)
+        assert master.listener.getsockname()[1] == first
+        assert child(master, "http").spec.kind == "http"
+        config_path.write_text(BASE + f"http: {{listen: '127.0.0.1:{busy}'}}\n")
+        send_signal(master, signal.SIGHUP)
+        assert master.listener.getsockname()[1] == first  # still the old address
+        assert master.settings.http.listen == f"127.0.0.1:{first}"
+        assert "last reload failed" in master.status_line()
+    master.listener.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

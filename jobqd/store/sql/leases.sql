@@ -97,7 +97,7 @@ UPDATE {schema}.jobs SET lease_expires_at = '-infinity'
 -- name: leases_release_expired
 -- Running jobs whose lease expired (their worker died or froze) go back to queued after a
 -- short backoff, or to dead when out of attempts or delivered at most once. The error names
--- the process that lost the job.
+-- the process that lost the job, and `reason` (NULL: unknown) how that process died.
 WITH expired AS (
     SELECT id FROM {schema}.jobs
      WHERE state = 'running' AND lease_expires_at < now()
@@ -110,10 +110,18 @@ WITH expired AS (
            j.attempt >= coalesce(j.max_attempts, t.max_attempts, q.max_attempts, 20)
                AS exhausted,
            jsonb_build_object(
-               'attempt', j.attempt, 'kind', 'LeaseExpired',
-               'message', format('lease expired: worker process %%s (%%s pid %%s) stopped renewing it',
-                                 j.locked_by, coalesce(p.host, 'unknown host'),
-                                 coalesce(p.pid::text, '?')),
+               'attempt', j.attempt,
+               'kind', CASE WHEN %(reason)s::text IS NULL THEN 'LeaseExpired'
+                            ELSE 'WorkerExited' END,
+               'message', CASE
+                   WHEN %(reason)s::text IS NULL
+                   THEN format('lease expired: worker process %%s (%%s pid %%s) stopped renewing it',
+                               j.locked_by, coalesce(p.host, 'unknown host'),
+                               coalesce(p.pid::text, '?'))
+                   ELSE format('worker process exited: %%s (process %%s, %%s pid %%s)',
+                               %(reason)s::text, j.locked_by, coalesce(p.host, 'unknown host'),
+                               coalesce(p.pid::text, '?'))
+               END,
                'traceback', NULL) AS error
       FROM expired e
       JOIN {schema}.jobs j ON j.id = e.id
