@@ -246,8 +246,8 @@ class Worker(ChildProcess):
 
     def sync_definitions(self) -> None:
         """Tell the database this queue's and these tasks' retry and delivery settings, which
-        the reaper needs for jobs whose worker died, and the queue's events switch if the
-        config sets it."""
+        the reaper needs for jobs whose worker died, each task's queue, where jobs enqueued
+        without one go, and the queue's events switch if the config sets it."""
         db = self._db()
         db.execute(
             self.sql.queues_sync,
@@ -263,15 +263,15 @@ class Worker(ChildProcess):
                 {"queue": self.config.queue, "enabled": self.config.events},
             )
         for spec in self.registry.specs():
-            if spec.max_attempts is not None or spec.delivery is not None:
-                db.execute(
-                    self.sql.tasks_sync,
-                    {
-                        "name": spec.name,
-                        "max_attempts": spec.max_attempts,
-                        "delivery": spec.delivery,
-                    },
-                )
+            db.execute(
+                self.sql.tasks_sync,
+                {
+                    "name": spec.name,
+                    "queue": spec.queue,
+                    "max_attempts": spec.max_attempts,
+                    "delivery": spec.delivery,
+                },
+            )
 
     def run(self) -> int:
         """Serve the queue until stopped; returns the process exit code."""
