@@ -76,6 +76,7 @@ class WorkerConfig:
     statement_timeout: float
     dead_workers: tuple[int, ...] = ()  # process ids of this queue's workers the master saw die
     index: int = 0
+    application_name: str = "jobqd"  # database.application_name: the prefix of our sessions'
 
     @property
     def heartbeat_interval(self) -> float:
@@ -108,6 +109,7 @@ class WorkerConfig:
             shutdown_timeout=settings.shutdown_timeout,
             statement_timeout=settings.database.statement_timeout,
             index=index,
+            application_name=settings.database.application_name,
         )
 
 
@@ -150,7 +152,7 @@ class Worker(ChildProcess):
         self.metric_store = MetricStore()
         self.metrics = define_jobqd_metrics(self.metric_store)
         self.inflight = InFlight(config.concurrency)
-        self.completer = Completer(self.sql, config.queue, self.metrics)
+        self.completer = Completer(self.sql, config.queue, self.metrics, registry)
         self._ready: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
 
         self._exit_code = 0
@@ -177,7 +179,7 @@ class Worker(ChildProcess):
     # -- connections ----------------------------------------------------------------------
 
     def _app_name(self) -> str:
-        return f"jobqd worker {self.config.queue}#{self.config.index}"
+        return f"{self.config.application_name} worker {self.config.queue}#{self.config.index}"
 
     def _db(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -425,7 +427,7 @@ class Worker(ChildProcess):
             claimed[job.task] += 1
             self._ready.put(job)
         for task, n in claimed.items():
-            self.metrics.jobs_started.inc(queue, task, amount=n)
+            self.metrics.jobs_started.inc(queue, self.registry.metric_label(task), amount=n)
 
     def _slot(self) -> None:
         while True:
