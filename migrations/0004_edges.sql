@@ -380,9 +380,10 @@ $$;
 
 -- At the commit of the transaction that created a bundle, its jobs must all have joined.
 -- (Rows written directly by the schema owner or the daemon role, not by create_bundle, have no
--- creator transaction and are left alone.)
+-- creator transaction and are left alone.) It runs with the owner's rights: the enqueue-only
+-- role that created the bundle cannot read the table itself.
 CREATE FUNCTION bundle_sealed() RETURNS trigger
-LANGUAGE plpgsql SET search_path FROM CURRENT
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT
 AS $$
 DECLARE
     b bundles%ROWTYPE;
