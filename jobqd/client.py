@@ -102,7 +102,7 @@ class Client:
         task: str,
         args: Any = None,
         *,
-        queue: str = "default",
+        queue: str | None = None,
         delay: float | None = None,
         run_at: datetime | None = None,
         priority: int = 0,
@@ -111,7 +111,12 @@ class Client:
         idempotency_key: str | None = None,
         conn: psycopg.Connection | None = None,
     ) -> int:
-        """Enqueue one job and return its id (an existing job's id when deduplicated)."""
+        """Enqueue one job and return its id (an existing job's id when deduplicated or
+        when the idempotency key was used before, also by a concurrent call).
+
+        Without `queue`, the job goes to its task's queue: the registered task's or route's
+        when this process imported it, else the one workers published for it, else
+        `default`."""
         with self._connection(conn) as c:
             return job_rows.enqueue(
                 c,
@@ -132,7 +137,7 @@ class Client:
         self,
         jobs: Iterable[tuple[str, Any] | Mapping[str, Any]],
         *,
-        queue: str = "default",
+        queue: str | None = None,
         delay: float | None = None,
         run_at: datetime | None = None,
         priority: int = 0,
@@ -142,7 +147,8 @@ class Client:
         """Enqueue many jobs in few statements; ids come back in input order.
 
         Each item is `(task, args)` or a dict of enqueue()'s keywords (task, args, queue,
-        delay, run_at, priority, max_attempts, dedup_key); the call's keywords fill the gaps.
+        delay, run_at, priority, max_attempts, dedup_key, idempotency_key); the call's
+        keywords fill the gaps. Without a queue, a job goes to its task's, as in enqueue().
         """
         # On the client's own session all batches commit together (or not at all); on the
         # caller's, as its transaction does.
@@ -163,7 +169,7 @@ class Client:
         self,
         jobs: Sequence[tuple[str, Any] | Mapping[str, Any]],
         *,
-        queue: str = "default",
+        queue: str | None = None,
         name: str | None = None,
         callback: str | None = None,
         callback_args: Any = None,
@@ -171,7 +177,11 @@ class Client:
         conn: psycopg.Connection | None = None,
     ) -> tuple[int, list[int]]:
         """Enqueue jobs as one bundle; when all have ended, `callback` is enqueued once with
-        `callback_args` plus a `bundle` key holding the counts. Returns (bundle id, job ids)."""
+        `callback_args` plus a `bundle` key holding the counts. Returns (bundle id, job ids).
+
+        An empty bundle finishes at once; a job cancelled or deleted counts as cancelled; a
+        job whose dedup or idempotency key matches another job is refused (the whole bundle
+        is not enqueued)."""
         with self._connection(conn) as c:
             return bundles.enqueue(
                 c,

@@ -189,6 +189,14 @@ class Registry:
                 best = (prefix, route)
         return best[1] if best else None
 
+    def metric_label(self, name: str) -> str:
+        """The task label of a job's metrics: the registered task, or the route that serves
+        it (`reports.*`), or UNKNOWN_TASK, so that job names never multiply the series."""
+        if name in self._tasks:
+            return name
+        spec = self.get(name)
+        return spec.name if spec is not None else UNKNOWN_TASK
+
     def names(self) -> list[str]:
         return sorted([*self._tasks, *(p + "*" for p in self._routes)])
 
@@ -202,6 +210,9 @@ class Registry:
 
 
 registry = Registry()
+
+UNKNOWN_TASK = "(unknown)"
+"""The metrics label of every job whose task this process does not know."""
 
 
 def task(

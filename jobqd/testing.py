@@ -53,6 +53,7 @@ class JobRun:
     attempts: int
     result: Any = None
     errors: list[dict[str, Any]] = field(default_factory=list)
+    snoozes: int = 0
 
 
 def _matches(task: str, patterns: Iterable[str]) -> bool:
@@ -88,9 +89,15 @@ def run_job(
     return executor.run(job)
 
 
+MAX_SNOOZES = 100
+"""Snoozes InlineClient runs through before it leaves a job queued."""
+
+
 class InlineClient:
     """Stands in for Client in tests: enqueue() runs the job immediately, retrying at once
-    (no waiting for backoff) until it succeeds or is dead. `runs` keeps every job."""
+    (no waiting for backoff) until it succeeds or is dead. A job that snoozes `max_snoozes`
+    times (snoozing spends no attempt, so nothing else ends it) is left `queued`, as it would
+    wait in production. `runs` keeps every job."""
 
     def __init__(
         self,
@@ -98,10 +105,12 @@ class InlineClient:
         registry: Registry = default_registry,
         policy: Policy = DEFAULT_POLICY,
         ignore: Iterable[str] = (),
+        max_snoozes: int = MAX_SNOOZES,
     ) -> None:
         self.registry = registry
         self.policy = policy
         self.ignore = tuple(ignore)
+        self.max_snoozes = max_snoozes
         self.runs: list[JobRun] = []
         self._ids = itertools.count(1)
 
@@ -114,7 +123,7 @@ class InlineClient:
             run.state = "cancelled"
             return job_id
         limit = effective_max_attempts(max_attempts, self.registry.get(task), self.policy)
-        while run.state == QUEUED:
+        while run.state == QUEUED and run.snoozes < self.max_snoozes:
             outcome = run_job(
                 task,
                 data,
@@ -124,7 +133,9 @@ class InlineClient:
                 max_attempts=limit,
                 job_id=job_id,
             )
-            if not outcome.snooze:
+            if outcome.snooze:
+                run.snoozes += 1
+            else:
                 run.attempts += 1
             if outcome.error:
                 run.errors.append(json.loads(outcome.error))

@@ -26,7 +26,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from jobqd import config as config_module
 from jobqd.cli import output
 from jobqd.config.durations import format_duration, parse_duration
-from jobqd.config.settings import DatabaseHealthSettings
+from jobqd.config.settings import DatabaseHealthSettings, QueueSettings
 from jobqd.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -37,7 +37,7 @@ from jobqd.errors import (
     PayloadError,
     first_line,
 )
-from jobqd.store import admin, jobs, queues
+from jobqd.store import admin, bundles, jobs, queues
 from jobqd.store import connections as db
 
 SYSTEM_CONFIG = Path("/etc/jobqd.yaml")
@@ -468,6 +468,15 @@ def cmd_workers(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _attempt_limit(ctx: Context, job: dict[str, Any]) -> int:
+    """The attempt limit that applies to `job`: the job's, its task's or route's, its queue's
+    as the daemons published them, else this config's (or the built-in) queue default."""
+    if job["effective_max_attempts"] is not None:
+        return int(job["effective_max_attempts"])
+    queue = ctx.settings.queues.get(job["queue"]) if ctx.settings else None
+    return (queue or QueueSettings()).max_attempts
+
+
 def cmd_jobs(ctx: Context, args: argparse.Namespace) -> int:
     found = admin.jobs(ctx.conn, ctx.schema, queue=args.queue, state=args.state, limit=args.limit)
 
@@ -480,7 +489,7 @@ def cmd_jobs(ctx: Context, args: argparse.Namespace) -> int:
                 j["queue"],
                 j["task"],
                 j["state"],
-                f"{j['attempt']}/{j['max_attempts'] or '-'}",
+                f"{j['attempt']}/{_attempt_limit(ctx, j)}",
                 output.when(j["run_at"]),
                 j["last_error"] or "",
             )
@@ -493,7 +502,7 @@ def cmd_jobs(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK if found else EXIT_FAILURE
 
 
-def _show_text(job: dict[str, Any]) -> str:
+def _show_text(job: dict[str, Any], limit: int) -> str:
     process = job["process"]
     held_by = f"{process['host']} pid {process['pid']}" if process else job["locked_by"]
     pairs = [
@@ -501,7 +510,7 @@ def _show_text(job: dict[str, Any]) -> str:
         ("queue", job["queue"]),
         ("task", job["task"]),
         ("state", job["state"]),
-        ("attempt", f"{job['attempt']} of {job['max_attempts'] or 'the queue default'}"),
+        ("attempt", f"{job['attempt']} of {limit}"),
         ("priority", job["priority"]),
         ("run at", job["run_at"]),
         ("created at", job["created_at"]),
@@ -539,7 +548,7 @@ def cmd_show(ctx: Context, args: argparse.Namespace) -> int:
     job = admin.job(ctx.conn, ctx.schema, args.id)
     if job is None:
         _not_found(f"no job {args.id}: check the id with `jobqctl jobs` (it may have been pruned)")
-    ctx.emit(job, lambda: _show_text(job))
+    ctx.emit(job, lambda: _show_text(job, _attempt_limit(ctx, job)))
     return EXIT_OK
 
 
@@ -606,6 +615,11 @@ def cmd_delete(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_pause(ctx: Context, args: argparse.Namespace) -> int:
+    if not args.force and not queues.known(ctx.conn, ctx.schema, args.queue):
+        _not_found(
+            f"no queue {args.queue!r}: no daemon serves it, no task names it and it has no "
+            "jobs; check the name with `jobqctl status`, or pass --force to pause it anyway"
+        )
     queues.pause(ctx.conn, ctx.schema, args.queue)
     ctx.emit(
         {"queue": args.queue, "paused": True},
@@ -640,13 +654,99 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
             priority=args.priority,
             max_attempts=args.max_attempts,
             dedup_key=args.dedup_key,
+            idempotency_key=args.idempotency_key,
         )
     except (TypeError, PayloadError) as exc:
         _usage(str(exc))
+    job = jobs.get(ctx.conn, ctx.schema, job_id)
+    queue = job.queue if job is not None else args.queue
     ctx.emit(
-        {"id": job_id, "queue": args.queue, "task": args.task},
-        lambda: f"enqueued job {job_id} ({args.task} on queue {args.queue!r})",
+        {"id": job_id, "queue": queue, "task": args.task},
+        lambda: f"enqueued job {job_id} ({args.task} on queue {queue!r})",
     )
+    return EXIT_OK
+
+
+def _bundle_document(info: bundles.BundleInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "name": info.name,
+        "total": info.total,
+        "succeeded": info.succeeded,
+        "dead": info.dead,
+        "cancelled": info.cancelled,
+        "ended": info.ended,
+        "done": info.done,
+        "callback_task": info.callback_task,
+        "callback_queue": info.callback_queue,
+        "callback_job_id": info.callback_job_id,
+        "created_at": info.created_at,
+        "finished_at": info.finished_at,
+    }
+
+
+def cmd_bundles(ctx: Context, args: argparse.Namespace) -> int:
+    found = [
+        _bundle_document(b)
+        for b in bundles.newest(ctx.conn, ctx.schema, unfinished=args.unfinished, limit=args.limit)
+    ]
+
+    def human() -> str:
+        if not found:
+            return "no bundles match"
+        rows = [
+            (
+                b["id"],
+                b["name"] or "",
+                f"{b['ended']}/{b['total']}",
+                b["succeeded"],
+                b["dead"],
+                b["cancelled"],
+                output.when(b["finished_at"]) if b["done"] else "waiting",
+                b["callback_job_id"] or "",
+            )
+            for b in found
+        ]
+        headers = ("ID", "NAME", "ENDED", "OK", "DEAD", "CANCELLED", "FINISHED", "CALLBACK JOB")
+        return output.table(headers, rows, right=(0,))
+
+    ctx.emit(found, human)
+    return EXIT_OK if found else EXIT_FAILURE
+
+
+def cmd_bundle(ctx: Context, args: argparse.Namespace) -> int:
+    info = bundles.get(ctx.conn, ctx.schema, args.id)
+    if info is None:
+        _not_found(
+            f"no bundle {args.id}: check the id with `jobqctl bundles` (finished bundles are "
+            "pruned after retention.succeeded)"
+        )
+    document = {**_bundle_document(info), "jobs": bundles.members(ctx.conn, ctx.schema, args.id)}
+
+    def human() -> str:
+        callback = info.callback_task or "none"
+        if info.callback_task:
+            callback += f" on queue {info.callback_queue!r}"
+            if info.callback_job_id:
+                callback += f", job {info.callback_job_id}"
+        pairs = [
+            ("id", info.id),
+            ("name", info.name),
+            ("jobs ended", f"{info.ended} of {info.total}"),
+            ("succeeded", info.succeeded),
+            ("dead", info.dead),
+            ("cancelled", info.cancelled),
+            ("callback", callback),
+            ("created at", info.created_at),
+            ("finished at", info.finished_at or "not yet"),
+            (
+                "jobs now",
+                ", ".join(f"{n} {state}" for state, n in document["jobs"].items()) or "none",
+            ),
+        ]
+        return output.fields(pairs)
+
+    ctx.emit(document, human)
     return EXIT_OK
 
 
@@ -809,11 +909,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="+", type=_job_id, metavar="ID")
     p = command("pause", cmd_pause, "stop claiming from a queue on every node")
     p.add_argument("queue")
+    p.add_argument("--force", action="store_true", help="pause a queue the cluster does not know")
     p = command("resume", cmd_resume, "claim from a paused queue again")
     p.add_argument("queue")
     p = command("enqueue", cmd_enqueue, "enqueue one job")
     p.add_argument("task")
-    p.add_argument("--queue", default="default")
+    p.add_argument("--queue", help="default: the task's queue, else default")
     p.add_argument("--args", type=_json_args, default=None, help="job args as JSON")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--delay", type=_duration, help="run after this long, e.g. 30s, 5m")
@@ -821,6 +922,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=0, help="smaller runs first")
     p.add_argument("--max-attempts", type=_positive_int)
     p.add_argument("--dedup-key")
+    p.add_argument("--idempotency-key")
+    p = command("bundles", cmd_bundles, "list bundles, newest first")
+    p.add_argument("--unfinished", action="store_true", help="only bundles still waiting")
+    p.add_argument("--limit", type=_positive_int, default=50)
+    p = command("bundle", cmd_bundle, "one bundle: `bundle show ID`")
+    p.add_argument("action", choices=("show",))
+    p.add_argument("id", type=_positive_whole_number("a bundle id"))
     p = command("migrate", cmd_migrate, "apply pending schema migrations")
     p.add_argument("--dry-run", action="store_true", help="only list what would be applied")
     p = command("events", cmd_events, "list, or turn on/off, job end events per queue")

@@ -12,6 +12,8 @@ import argparse
 import difflib
 import logging
 import os
+import re
+import stat
 import sys
 from pathlib import Path
 
@@ -30,6 +32,10 @@ DEFAULT_CONFIG = "/etc/jobqd.yaml"
 CONFIG_ENV = "JOBQD_CONFIG"
 
 log = logging.getLogger("jobqd.master")
+
+# A password written into the file: user:password@ in a URL, or a password= keyword, whose
+# value is not an ${ENV} reference.
+_PASSWORD = re.compile(r"://[^\s:/@]+:(?!\$\{)[^\s@]+@|password\s*=\s*(?!\$\{)\S", re.I)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,7 +123,7 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
                 f'no task named "{entry.task}": neither registered by a module in imports '
                 f"nor defined under tasks:{suggestion}",
             )
-    warnings = []
+    warnings = [exposed] if (exposed := exposed_password(path)) else []
     for name, entry in settings.cron.items():
         queue = settings.queues.get(entry.queue)
         if queue is not None and queue.processes == 0:
@@ -128,10 +134,27 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
         if spec.queue not in settings.queues:
             warnings.append(
                 f'task "{spec.name}" is declared with queue "{spec.queue}", which is not '
-                "configured here; @task(queue=) does not route jobs yet: a job goes to the "
-                "queue its enqueue names"
+                "configured here: jobs enqueued without a queue go there, and no worker on "
+                "this node serves it"
             )
     return [message for _, message in sorted(problems, key=lambda p: p[0])], warnings
+
+
+def exposed_password(path: str) -> str | None:
+    """A warning when the config file holds a password and users other than its owner and
+    group may read it; None otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    lines = (line.split("#", 1)[0] for line in text.splitlines())
+    if not mode & stat.S_IROTH or not any(_PASSWORD.search(line) for line in lines):
+        return None
+    return (
+        f"{path} holds a database password and every user on this host can read it: "
+        f"chmod o-r {path}, or move the password to ${{JOBQD_DATABASE_URL}} or ~/.pgpass"
+    )
 
 
 def start(path: str, hint: str = "", *, migrate: bool = True) -> int:
@@ -144,6 +167,9 @@ def start(path: str, hint: str = "", *, migrate: bool = True) -> int:
         print(f"jobqd: not starting: configuration file {path} is invalid{hint}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(settings.log.format, settings.log.level, role="master")
+    exposed = exposed_password(path)
+    if exposed:
+        log.warning("%s", exposed)
     from jobqd.daemon.supervisor import Supervisor
 
     supervisor = Supervisor(

@@ -23,6 +23,7 @@ Endpoints:
                    else 503 and which check failed
   POST /jobs       enqueue (bearer token), 201 {"id": ...}
   GET /jobs/{id}   one job (bearer token)
+  GET /bundles/{id} one bundle: counts, callback, its jobs per state (bearer token)
   GET /queues      queue status (bearer token)
 The JSON API needs `Authorization: Bearer <token>` where the token is the value of the
 environment variable named by `http.token_env`; without that variable the API answers 503.
@@ -66,7 +67,7 @@ from jobqd.observe.metrics import (
     define_database_metrics,
     define_jobqd_metrics,
 )
-from jobqd.store import admin, migrate
+from jobqd.store import admin, bundles, migrate
 from jobqd.store import jobs as job_rows
 from jobqd.store.connections import connect
 from jobqd.store.sql import queries
@@ -85,6 +86,7 @@ SESSIONS = 4
 HEALTH_WRITE_INTERVAL = 2.0
 """Seconds between writes of the node's health into this child's jobqd.processes row."""
 _JOB_PATH = re.compile(r"/jobs/([^/]+)")
+_BUNDLE_PATH = re.compile(r"/bundles/([^/]+)")
 _JOB_KEYS = frozenset(
     {
         "task",
@@ -142,9 +144,10 @@ class Sessions:
     """A few database sessions of this child's own. A session that failed is dropped and the
     next request opens a fresh one, so the child recovers as soon as the database is back."""
 
-    def __init__(self, dsn: str, size: int = SESSIONS) -> None:
+    def __init__(self, dsn: str, size: int = SESSIONS, *, application_name: str = "jobqd") -> None:
         # A probe must answer before the prober gives up, also when the host is unreachable.
         self.dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
+        self.application_name = f"{application_name} http"
         self.size = size
         self._idle: list[psycopg.Connection] = []
         self._lock = threading.Lock()
@@ -156,7 +159,7 @@ class Sessions:
         if conn is None:
             conn = connect(
                 self.dsn,
-                application_name="jobqd http",
+                application_name=self.application_name,
                 statement_timeout_ms=DB_TIMEOUT_MS,
                 extra_options={"lock_timeout": str(DB_TIMEOUT_MS)},
             )
@@ -204,7 +207,7 @@ class App:
         self.schema = settings.database.schema
         self.feed = feed
         self.token = token
-        self.sessions = Sessions(dsn)
+        self.sessions = Sessions(dsn, application_name=settings.database.application_name)
         self._gauges = _Cached(GAUGE_TTL, self._count)
         self._database = _Cached(READY_TTL, self._check_database)
         self._health = _Cached(GAUGE_TTL, self._database_health)
@@ -342,6 +345,20 @@ class App:
         if found is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
         return dataclasses.asdict(found)
+
+    def bundle(self, text: str) -> dict[str, Any]:
+        try:
+            bundle_id = int(text)
+        except ValueError:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"bundle ids are numbers, got {text!r}"
+            ) from None
+        with self.sessions.session() as conn:
+            found = bundles.get(conn, self.schema, bundle_id)
+            members = bundles.members(conn, self.schema, bundle_id) if found else {}
+        if found is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no bundle {bundle_id}")
+        return {**dataclasses.asdict(found), "done": found.done, "jobs": members}
 
     def queues(self) -> dict[str, Any]:
         with self.sessions.session() as conn:
@@ -501,6 +518,10 @@ class Handler(BaseHTTPRequestHandler):
                 self._allow(method, "GET")
                 self.app.authorize(self.headers.get("Authorization"))
                 self._json(HTTPStatus.OK, self.app.job(_JOB_PATH.fullmatch(path).group(1)))
+            elif _BUNDLE_PATH.fullmatch(path):
+                self._allow(method, "GET")
+                self.app.authorize(self.headers.get("Authorization"))
+                self._json(HTTPStatus.OK, self.app.bundle(_BUNDLE_PATH.fullmatch(path).group(1)))
             elif path == "/queues":
                 self._allow(method, "GET")
                 self.app.authorize(self.headers.get("Authorization"))

@@ -8,7 +8,9 @@ must fire every real hour through a DST change should use UTC.
 
 Firing a tick inserts its `cron_ticks` row (primary key: entry name and tick) and enqueues its
 job in one transaction, and moves the entry's `last_tick` on in that same transaction, so no
-tick fires twice, not even with two leaders at once, and none is lost to a failed insert.
+tick fires twice, not even with two leaders at once, and none is lost to a failed insert:
+a tick whose insert failed is owed, and every later pass fires it first, whatever the
+misfire policy and however late, until it has fired.
 The job gets the entry's args plus `cron_tick`, the tick's instant in ISO 8601 UTC.
 
 After downtime, `misfire` decides what happens to ticks older than the on-time tolerance
@@ -202,13 +204,16 @@ def run_once(
     *,
     metrics: JobqdMetrics | None = None,
     now: datetime | None = None,
+    owed: dict[str, list[datetime]] | None = None,
 ) -> CronPass:
     """Fire every enabled entry's due ticks on `conn` (the leader session).
 
     `now` replaces the database time, for tests only. An entry whose firing fails with a
     data error (say, args over the payload limit) is logged and left for the next pass; a
-    connection error is raised, since the caller must step down.
+    connection error is raised, since the caller must step down. Either way the ticks that
+    failed are added to `owed` (entry name -> ticks), which the next pass fires first.
     """
+    owed = {} if owed is None else owed
     sql = queries(settings.database.schema)
     entries = {name: e for name, e in settings.cron.items() if e.enabled}
     result = CronPass()
@@ -234,9 +239,11 @@ def run_once(
             window=entry.misfire_window,
             on_time=tolerance,
         )
-        if due:
+        if due or owed.get(name):
+            # Owed until the commit that fires them, also if the session dies before that.
+            owed[name] = sorted({*owed.get(name, ()), *due})
             try:
-                fired = _fire_due(conn, sql, name, entry, tolerance, now)
+                fired = _fire_due(conn, sql, name, entry, tolerance, now, owed)
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 raise
             except psycopg.Error as exc:
@@ -271,8 +278,12 @@ class Cron(Duty):
 
     name = "cron"
 
+    def __init__(self, settings: Settings, metrics: JobqdMetrics | None = None) -> None:
+        super().__init__(settings, metrics)
+        self.owed: dict[str, list[datetime]] = {}  # ticks whose insert failed, per entry
+
     def run(self, conn: psycopg.Connection) -> Result:
-        fired = run_once(conn, self.settings, metrics=self.metrics)
+        fired = run_once(conn, self.settings, metrics=self.metrics, owed=self.owed)
         again = self.settings.maintenance.interval
         if fired.next_tick is not None and fired.now is not None:
             wait = (fired.next_tick - fired.now).total_seconds() + _WAKE_EARLY
@@ -292,27 +303,37 @@ def _fire_due(
     entry: CronSettings,
     tolerance: float,
     now: datetime | None,
+    owed: dict[str, list[datetime]],
 ) -> list[tuple[datetime, int]]:
-    """Under the entry's row lock, recompute what is due and fire it; commit moves it on."""
+    """Under the entry's row lock, recompute what is due, add what is owed, and fire it;
+    commit moves the entry on and settles the debt. If anything fails, all of it is owed."""
     fired = []
-    with conn.transaction():
-        row = conn.execute(sql.cron_lock_entry, {"name": name}).fetchone()
-        assert row is not None
-        since, db_now = row
-        due = due_ticks(
-            _schedule(entry),
-            since,
-            now or db_now,
-            misfire=entry.misfire,
-            window=entry.misfire_window,
-            on_time=tolerance,
-        )
-        for tick in due:
-            job_id = _enqueue_tick(conn, sql, name, entry, tick, manual=False)
-            if job_id is not None:
-                fired.append((tick, job_id))
-        if due:
-            conn.execute(sql.cron_advance, {"name": name, "tick": due[-1]})
+    due: list[datetime] = list(owed.get(name, ()))
+    try:
+        with conn.transaction():
+            row = conn.execute(sql.cron_lock_entry, {"name": name}).fetchone()
+            assert row is not None
+            since, db_now = row
+            scheduled = due_ticks(
+                _schedule(entry),
+                since,
+                now or db_now,
+                misfire=entry.misfire,
+                window=entry.misfire_window,
+                on_time=tolerance,
+            )
+            # Owed ticks at or before `since` were fired meanwhile (by another leader).
+            due = sorted({*(t for t in due if t > since), *scheduled})
+            for tick in due:
+                job_id = _enqueue_tick(conn, sql, name, entry, tick, manual=False)
+                if job_id is not None:
+                    fired.append((tick, job_id))
+            if due:
+                conn.execute(sql.cron_advance, {"name": name, "tick": due[-1]})
+    except BaseException:
+        owed[name] = due
+        raise
+    owed.pop(name, None)
     return fired
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -76,6 +77,28 @@ def resolve_url(url: str | None, data_dir: str | os.PathLike[str] | None = None)
     return url
 
 
+_SECRETS = (
+    # user:password@ in a URL, also a malformed one quoted back by libpq
+    (re.compile(r"(?P<keep>[^\s\"'/:@]*:)[^\s\"'@/]*@"), r"\g<keep>***@"),
+    # password=... as a conninfo keyword or a URL query parameter
+    (re.compile(r"(?P<keep>password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&\"']+)", re.I), r"\g<keep>***"),
+)
+
+
+def redact(text: str) -> str:
+    """`text` with every password that a DSN in it carries replaced by ***."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _malformed(exc: BaseException) -> DatabaseUnavailable:
+    return DatabaseUnavailable(
+        f"the database URL is malformed: {redact(first_line(exc))} "
+        "(fix database.url / --dsn / JOBQD_DATABASE_URL)"
+    )
+
+
 def session_conninfo(
     dsn: str,
     *,
@@ -85,7 +108,10 @@ def session_conninfo(
     extra_options: dict[str, str] | None = None,
 ) -> str:
     """The caller's DSN plus jobqd's session settings, without losing options it already has."""
-    params = conninfo_to_dict(dsn)
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise _malformed(exc) from None
     options = [params.pop("options", "")] if params.get("options") else []
     settings = {"idle_in_transaction_session_timeout": str(idle_in_transaction_timeout_ms)}
     if statement_timeout_ms is not None:
@@ -108,7 +134,9 @@ def connect(dsn: str, *, application_name: str, autocommit: bool = True, **kw: o
     try:
         return psycopg.connect(conninfo, autocommit=autocommit)
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(describe_failure(dsn, exc)) from exc
+        raise DatabaseUnavailable(describe_failure(dsn, exc)) from None
+    except psycopg.ProgrammingError as exc:  # a value libpq refuses, e.g. connect_timeout=abc
+        raise _malformed(exc) from None
 
 
 def subscribe(conn: psycopg.Connection, channel: str) -> None:
@@ -120,7 +148,11 @@ def subscribe(conn: psycopg.Connection, channel: str) -> None:
 
 
 def describe_failure(dsn: str, exc: BaseException) -> str:
-    params = conninfo_to_dict(dsn)
+    """Where we tried to connect and the server's reason, with no password in it."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        params = {}
     where = params.get("host") or "localhost"
     if params.get("port"):
         where += f":{params['port']}"
@@ -133,4 +165,4 @@ def describe_failure(dsn: str, exc: BaseException) -> str:
         )
     else:
         hint = "check that the server is running and database.url / --dsn / JOBQD_DATABASE_URL"
-    return f"cannot connect to PostgreSQL at {where}/{db}: {first_line(exc)} ({hint})"
+    return f"cannot connect to PostgreSQL at {where}/{db}: {redact(first_line(exc))} ({hint})"

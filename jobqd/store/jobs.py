@@ -9,6 +9,7 @@ wants several statements to commit together opens the transaction.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,6 +19,7 @@ from psycopg.rows import dict_row
 
 from jobqd import payload
 from jobqd.store.sql import float_array, nullable_int_array, queries, text_array, timestamp_array
+from jobqd.tasks import registry
 
 # Rows per enqueue_many statement. Statements go out pipelined, so the server inserts one
 # batch while this process encodes the next: 2,000 keeps both sides busy (50k jobs on 2 cores:
@@ -49,6 +51,41 @@ class JobInfo:
     dedup_key: str | None
     idempotency_key: str | None
     bundle_id: int | None
+    effective_max_attempts: int | None
+    """The limit that applies: the job's, else its task's or route's, else its queue's (None:
+    the configured default)."""
+
+
+@contextmanager
+def clean_errors() -> Iterator[None]:
+    """Server errors as the caller may see them: the primary message and hint only.
+
+    psycopg's message carries the server's DETAIL and CONTEXT, which name the failing row
+    (payload included) and the statement inside the SQL API; neither is the caller's business.
+    The error keeps its class and SQLSTATE.
+    """
+    try:
+        yield
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        diag = exc.diag
+        if diag.sqlstate is None or diag.message_primary is None:
+            raise
+        message = diag.message_primary + (f" ({diag.message_hint})" if diag.message_hint else "")
+        clean = type(exc)(message)
+        clean.sqlstate = diag.sqlstate
+        raise clean from None
+
+
+def route(task: str, queue: str | None) -> str | None:
+    """The queue a job goes to when the caller named none: the registered task's or route's
+    queue when this process imported it; None leaves it to the SQL API (the queue workers
+    published for the task, else `default`)."""
+    if queue is not None:
+        return queue
+    spec = registry.get(task)
+    return spec.queue if spec is not None else None
 
 
 def _seconds(delay: float | int | None) -> float | None:
@@ -71,7 +108,7 @@ def enqueue(
     task: str,
     args: Any = None,
     *,
-    queue: str = "default",
+    queue: str | None = None,
     delay: float | None = None,
     run_at: datetime | None = None,
     priority: int = 0,
@@ -81,11 +118,12 @@ def enqueue(
     bundle_id: int | None = None,
     max_payload_bytes: int = payload.DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> int:
-    """Enqueue one job and return its id (an existing job's id when deduplicated)."""
+    """Enqueue one job and return its id (an existing job's id when deduplicated, or the
+    first job's when another call already used `idempotency_key`)."""
     if delay is not None and run_at is not None:
         raise ValueError("give delay or run_at, not both")
     params = {
-        "queue": queue,
+        "queue": route(task, queue),
         "task": task,
         "args": payload.encode(args, max_bytes=max_payload_bytes),
         "run_at": run_at,
@@ -96,7 +134,8 @@ def enqueue(
         "idempotency_key": idempotency_key,
         "bundle_id": bundle_id,
     }
-    return _scalar(conn, queries(schema).jobs_enqueue, params)
+    with clean_errors():
+        return _scalar(conn, queries(schema).jobs_enqueue, params)
 
 
 def enqueue_many(
@@ -104,17 +143,19 @@ def enqueue_many(
     schema: str,
     jobs: Iterable[tuple[str, Any] | Mapping[str, Any]],
     *,
-    queue: str = "default",
+    queue: str | None = None,
     delay: float | None = None,
     run_at: datetime | None = None,
     priority: int = 0,
     max_attempts: int | None = None,
+    bundle_id: int | None = None,
     max_payload_bytes: int = payload.DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> list[int]:
     """Enqueue many jobs in few statements; ids come back in input order.
 
     Each item is `(task, args)` or a dict of enqueue()'s keywords (task, args, queue,
-    delay, run_at, priority, max_attempts, dedup_key); the call's keywords fill the gaps.
+    delay, run_at, priority, max_attempts, dedup_key, idempotency_key); the call's keywords
+    fill the gaps. A job without a queue goes to its task's (see route()).
     """
     defaults = {
         "queue": queue,
@@ -127,10 +168,10 @@ def enqueue_many(
     # Batches go out in pipeline mode: the server inserts one batch while this process
     # encodes the next.
     cursors = []
-    with conn.pipeline():
+    with clean_errors(), conn.pipeline():
         for batch in _batches(jobs, defaults, max_payload_bytes, _BATCH_ROWS):
             cursor = conn.cursor()
-            cursor.execute(statement, batch)
+            cursor.execute(statement, {**batch, "bundle_id": bundle_id})
             cursors.append(cursor)
     return [row[0] for cursor in cursors for row in cursor.fetchall()]
 
@@ -193,7 +234,17 @@ def delete(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[in
     return sorted(row[0] for row in rows)
 
 
-_ITEM_KEYS = {"task", "args", "queue", "delay", "run_at", "priority", "max_attempts", "dedup_key"}
+_ITEM_KEYS = {
+    "task",
+    "args",
+    "queue",
+    "delay",
+    "run_at",
+    "priority",
+    "max_attempts",
+    "dedup_key",
+    "idempotency_key",
+}
 
 
 def split(item: tuple[str, Any] | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -222,17 +273,23 @@ def _batches(
     element by element, which was most of a bulk enqueue's time."""
     rows: list[tuple[Any, ...]] = []
     plain = (
-        defaults["queue"],
         defaults["run_at"],
         _seconds(defaults["delay"]),
         defaults["priority"] or 0,
         defaults["max_attempts"],
         None,
+        None,
     )
+    routes: dict[str, str | None] = {}  # task -> queue, looked up once per name
     for item in jobs:
         if type(item) is tuple:  # (task, args): the call's keywords apply unchanged
             task, args = item
-            rows.append((task, payload.encode(args, max_bytes=max_bytes), *plain))
+            queue = defaults["queue"]
+            if queue is None:
+                if task not in routes:
+                    routes[task] = route(task, None)
+                queue = routes[task]
+            rows.append((task, payload.encode(args, max_bytes=max_bytes), queue, *plain))
         else:
             task, kwargs = split(item)
             merged = {**defaults, **{k: v for k, v in kwargs.items() if v is not None}}
@@ -242,12 +299,13 @@ def _batches(
                 (
                     task,
                     payload.encode(kwargs.get("args"), max_bytes=max_bytes),
-                    merged["queue"],
+                    route(task, merged["queue"]),
                     merged.get("run_at"),
                     _seconds(merged.get("delay")),
                     merged.get("priority") or 0,
                     merged.get("max_attempts"),
                     merged.get("dedup_key"),
+                    merged.get("idempotency_key"),
                 )
             )
         if len(rows) == size:
@@ -258,7 +316,7 @@ def _batches(
 
 
 def _columns(rows: list[tuple[Any, ...]]) -> dict[str, str]:
-    tasks, args, queues, run_ats, delays, priorities, max_attempts, dedup_keys = zip(
+    tasks, args, queues, run_ats, delays, priorities, max_attempts, dedup_keys, idem_keys = zip(
         *rows, strict=True
     )
     return {
@@ -270,4 +328,5 @@ def _columns(rows: list[tuple[Any, ...]]) -> dict[str, str]:
         "priorities": nullable_int_array(list(priorities)),
         "max_attempts": nullable_int_array(list(max_attempts)),
         "dedup_keys": text_array(list(dedup_keys)),
+        "idempotency_keys": text_array(list(idem_keys)),
     }

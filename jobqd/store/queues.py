@@ -14,3 +14,10 @@ def pause(conn: psycopg.Connection, schema: str, queue: str) -> None:
 
 def resume(conn: psycopg.Connection, schema: str, queue: str) -> None:
     conn.execute(queries(schema).queues_resume, {"queue": queue})
+
+
+def known(conn: psycopg.Connection, schema: str, queue: str) -> bool:
+    """Whether the cluster knows `queue`: served, configured, published by a task, or with
+    jobs. Pausing an unknown name is almost always a typo."""
+    row = conn.execute(queries(schema).queues_known, {"queue": queue}).fetchone()
+    return bool(row and row[0])

@@ -17,6 +17,7 @@ import psycopg
 
 from jobqd.observe.metrics import JobqdMetrics
 from jobqd.store.sql import Queries, float_array, int_array, text_array
+from jobqd.tasks import Registry, registry
 from jobqd.worker.executor import QUEUED, SUCCEEDED, Outcome
 
 log = logging.getLogger("jobqd.worker")
@@ -78,10 +79,13 @@ class Completer:
     """A worker's writer of outcomes: `send` inside the worker's pipeline (sharing its round
     trip with the next claim), then `record` once the results are in."""
 
-    def __init__(self, sql: Queries, queue: str, metrics: JobqdMetrics) -> None:
+    def __init__(
+        self, sql: Queries, queue: str, metrics: JobqdMetrics, registry: Registry = registry
+    ) -> None:
         self.sql = sql
         self.queue = queue
         self.metrics = metrics
+        self.registry = registry
 
     def send(self, conn: psycopg.Connection, batch: list[Outcome]) -> list[psycopg.Cursor]:
         return send_completions(conn, self.sql, batch)
@@ -92,8 +96,11 @@ class Completer:
         ids = written(cursors)
         m, queue = self.metrics, self.queue
         tallies: dict[str, Counter[str]] = {}
+        labels: dict[str, str] = {}  # job task -> metrics label, looked up once per batch
         for o in batch:
-            task = o.job.task
+            task = labels.get(o.job.task)
+            if task is None:
+                task = labels[o.job.task] = self.registry.metric_label(o.job.task)
             m.job_duration.observe(o.duration, queue, task)
             if o.job.id not in ids:
                 log.warning(

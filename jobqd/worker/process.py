@@ -77,6 +77,7 @@ class WorkerConfig:
     # (process id, how it died) of this queue's workers the master saw die
     dead_workers: tuple[tuple[int, str], ...] = ()
     index: int = 0
+    application_name: str = "jobqd"  # database.application_name: the prefix of our sessions'
 
     @property
     def heartbeat_interval(self) -> float:
@@ -114,6 +115,7 @@ class WorkerConfig:
             shutdown_timeout=settings.shutdown_timeout,
             statement_timeout=settings.database.statement_timeout,
             index=index,
+            application_name=settings.database.application_name,
         )
 
 
@@ -156,7 +158,7 @@ class Worker(ChildProcess):
         self.metric_store = MetricStore()
         self.metrics = define_jobqd_metrics(self.metric_store)
         self.inflight = InFlight(config.concurrency)
-        self.completer = Completer(self.sql, config.queue, self.metrics)
+        self.completer = Completer(self.sql, config.queue, self.metrics, registry)
         self._ready: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
 
         self._exit_code = 0
@@ -183,7 +185,7 @@ class Worker(ChildProcess):
     # -- connections ----------------------------------------------------------------------
 
     def _app_name(self) -> str:
-        return f"jobqd worker {self.config.queue}#{self.config.index}"
+        return f"{self.config.application_name} worker {self.config.queue}#{self.config.index}"
 
     def _db(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -253,8 +255,8 @@ class Worker(ChildProcess):
 
     def sync_definitions(self) -> None:
         """Tell the database this queue's and these tasks' retry and delivery settings, which
-        the reaper needs for jobs whose worker died, and the queue's events switch if the
-        config sets it."""
+        the reaper needs for jobs whose worker died, each task's queue, where jobs enqueued
+        without one go, and the queue's events switch if the config sets it."""
         db = self._db()
         db.execute(
             self.sql.queues_sync,
@@ -270,15 +272,15 @@ class Worker(ChildProcess):
                 {"queue": self.config.queue, "enabled": self.config.events},
             )
         for spec in self.registry.specs():
-            if spec.max_attempts is not None or spec.delivery is not None:
-                db.execute(
-                    self.sql.tasks_sync,
-                    {
-                        "name": spec.name,
-                        "max_attempts": spec.max_attempts,
-                        "delivery": spec.delivery,
-                    },
-                )
+            db.execute(
+                self.sql.tasks_sync,
+                {
+                    "name": spec.name,
+                    "queue": spec.queue,
+                    "max_attempts": spec.max_attempts,
+                    "delivery": spec.delivery,
+                },
+            )
 
     def run(self) -> int:
         """Serve the queue until stopped; returns the process exit code."""
@@ -432,7 +434,7 @@ class Worker(ChildProcess):
             claimed[job.task] += 1
             self._ready.put(job)
         for task, n in claimed.items():
-            self.metrics.jobs_started.inc(queue, task, amount=n)
+            self.metrics.jobs_started.inc(queue, self.registry.metric_label(task), amount=n)
 
     def _slot(self) -> None:
         while True:

@@ -195,7 +195,7 @@ def test_enqueue_many_dedup_against_existing_job(client):
 NASTY = [
     "q'; DROP TABLE jobqd.jobs; --",
     'q"\\x\\\\;',
-    "$$ $1 %s %(x)s {schema} \x01",
+    "$$ $1 %s %(x)s {schema} \\x01",
     "ünïcødé — 🚀",
     "NULL",
     '{a,"b"} ',

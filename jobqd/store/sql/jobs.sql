@@ -12,20 +12,39 @@ SELECT id FROM {schema}.enqueue_many(
     %(queues)s::text[], %(tasks)s::text[], %(args)s::text[]::jsonb[],
     (SELECT array_agg(coalesce(r, now() + d * interval '1 second') ORDER BY i)
        FROM unnest(%(run_ats)s::timestamptz[], %(delays)s::float8[]) WITH ORDINALITY AS t(r, d, i)),
-    %(priorities)s::int[], %(max_attempts)s::int[], %(dedup_keys)s::text[])
+    %(priorities)s::int[], %(max_attempts)s::int[], %(dedup_keys)s::text[],
+    %(idempotency_keys)s::text[], %(bundle_id)s)
 ORDER BY ord
 
 -- name: jobs_get
+-- effective_max_attempts: the job's limit, else its task's (exact name, else the longest
+-- `prefix.*` route), else its queue's; NULL leaves the configured default.
 SELECT id, queue, task, args, state, attempt, max_attempts, priority, run_at, created_at,
        started_at, finished_at, lease_expires_at, locked_by, last_error, errors, result,
-       dedup_key, idempotency_key, bundle_id
-  FROM {schema}.jobs WHERE id = %(id)s
+       dedup_key, idempotency_key, bundle_id,
+       coalesce(j.max_attempts,
+                (SELECT t.max_attempts FROM {schema}.tasks t
+                  WHERE t.max_attempts IS NOT NULL
+                    AND (t.name = j.task OR (right(t.name, 2) = '.*'
+                                             AND starts_with(j.task, left(t.name, -1))))
+                  ORDER BY t.name = j.task DESC, length(t.name) DESC LIMIT 1),
+                (SELECT q.max_attempts FROM {schema}.queues q WHERE q.name = j.queue))
+           AS effective_max_attempts
+  FROM {schema}.jobs j WHERE id = %(id)s
 
 -- name: jobs_list
 SELECT id, queue, task, args, state, attempt, max_attempts, priority, run_at, created_at,
        started_at, finished_at, lease_expires_at, locked_by, last_error, errors, result,
-       dedup_key, idempotency_key, bundle_id
-  FROM {schema}.jobs
+       dedup_key, idempotency_key, bundle_id,
+       coalesce(j.max_attempts,
+                (SELECT t.max_attempts FROM {schema}.tasks t
+                  WHERE t.max_attempts IS NOT NULL
+                    AND (t.name = j.task OR (right(t.name, 2) = '.*'
+                                             AND starts_with(j.task, left(t.name, -1))))
+                  ORDER BY t.name = j.task DESC, length(t.name) DESC LIMIT 1),
+                (SELECT q.max_attempts FROM {schema}.queues q WHERE q.name = j.queue))
+           AS effective_max_attempts
+  FROM {schema}.jobs j
  WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
    AND (%(state)s::text IS NULL OR state = %(state)s)
  ORDER BY id DESC

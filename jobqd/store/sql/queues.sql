@@ -106,9 +106,18 @@ SELECT n.queue,
         SELECT name FROM {schema}.queues) n
 
 -- name: tasks_sync
-INSERT INTO {schema}.tasks (name, max_attempts, delivery, updated_at)
-VALUES (%(name)s, %(max_attempts)s, %(delivery)s, now())
+-- A worker publishes a task's queue (where enqueue(queue => NULL) sends its jobs) and its
+-- retry and delivery settings.
+INSERT INTO {schema}.tasks (name, queue, max_attempts, delivery, updated_at)
+VALUES (%(name)s, %(queue)s, %(max_attempts)s, %(delivery)s, now())
 ON CONFLICT (name) DO UPDATE
-   SET max_attempts = excluded.max_attempts, delivery = excluded.delivery, updated_at = now()
- WHERE (tasks.max_attempts, tasks.delivery)
-       IS DISTINCT FROM (excluded.max_attempts, excluded.delivery)
+   SET queue = excluded.queue, max_attempts = excluded.max_attempts,
+       delivery = excluded.delivery, updated_at = now()
+ WHERE (tasks.queue, tasks.max_attempts, tasks.delivery)
+       IS DISTINCT FROM (excluded.queue, excluded.max_attempts, excluded.delivery)
+
+-- name: queues_known
+-- A queue the cluster knows: one a daemon serves, paused or set, or one that has jobs.
+SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(queue)s)
+    OR EXISTS (SELECT 1 FROM {schema}.jobs WHERE queue = %(queue)s)
+    OR EXISTS (SELECT 1 FROM {schema}.tasks WHERE queue = %(queue)s)

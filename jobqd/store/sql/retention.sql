@@ -37,10 +37,17 @@ DELETE FROM {schema}.cron_ticks t
    AND NOT EXISTS (SELECT 1 FROM {schema}.cron c WHERE c.name = t.name AND c.last_tick = t.tick)
 
 -- name: retention_prune_bundles
+-- Finished bundles past the retention, and bundles that can never finish (made before
+-- migration 0004, with no job left that could end) once as old.
 DELETE FROM {schema}.bundles
  WHERE id IN (SELECT id FROM {schema}.bundles
                WHERE finished_at < now() - %(age)s * interval '1 second'
                LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+    OR id IN (SELECT b.id FROM {schema}.bundles b
+               WHERE b.finished_at IS NULL AND b.created_at < now() - %(age)s * interval '1 second'
+                 AND NOT EXISTS (SELECT 1 FROM {schema}.jobs j
+                                  WHERE j.bundle_id = b.id AND j.state IN ('queued', 'running'))
+               LIMIT %(batch)s FOR UPDATE OF b SKIP LOCKED)
 
 -- name: retention_sync_settings
 -- Cluster-wide settings from the config; written only when they differ.
