@@ -215,7 +215,7 @@ def connect_waiting(dsn: str, wait: float, note: Callable[[str], None]) -> psyco
             pause = min(delays[attempt - 1], left)
             attempt += 1
             note(
-                f"jobqctl: cannot reach the database at {_where(dsn)}: {first_line(cause)}; "
+                f"jobqctl: cannot reach the database at {db.location(dsn)}: {first_line(cause)}; "
                 f"retrying in {format_duration(round(pause, 1))} ({attempt}/{attempts})"
             )
             time.sleep(pause)
@@ -233,15 +233,6 @@ def _transient(exc: BaseException) -> bool:
     """Whether trying again may help: the server did not answer, or answered "not now"."""
     text = str(exc)
     return "FATAL:" not in text or any(words in text for words in _TRANSIENT_REFUSALS)
-
-
-def _where(dsn: str) -> str:
-    """HOST:PORT/DB of a DSN, never its password."""
-    params = conninfo_to_dict(dsn)
-    where = params.get("host") or "localhost"
-    if params.get("port"):
-        where += f":{params['port']}"
-    return f"{where}/{params.get('dbname', '')}"
 
 
 # -- parsing helpers -------------------------------------------------------------------------

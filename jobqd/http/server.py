@@ -321,19 +321,15 @@ class App:
         kwargs = _enqueue_arguments(body)
         task = kwargs.pop("task")
         args = kwargs.pop("args", None)
-        for _ in range(2):  # once more after losing a race on the same idempotency key
-            try:
-                with self.sessions.session() as conn:
-                    return {"id": job_rows.enqueue(conn, self.schema, task, args, **kwargs)}
-            except psycopg.errors.SerializationFailure:
-                continue
-            except PayloadError as exc:
-                raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc)) from None
-            except (TypeError, ValueError) as exc:
-                raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
-            except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                raise ApiError(HTTPStatus.BAD_REQUEST, first_line(exc)) from None
-        raise ApiError(HTTPStatus.CONFLICT, "concurrent enqueue with this idempotency key; retry")
+        try:
+            with self.sessions.session() as conn:
+                return {"id": job_rows.enqueue(conn, self.schema, task, args, **kwargs)}
+        except PayloadError as exc:
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc)) from None
+        except (TypeError, ValueError) as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, first_line(exc)) from None
 
     def job(self, text: str) -> dict[str, Any]:
         try:

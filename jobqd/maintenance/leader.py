@@ -35,10 +35,10 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from jobqd.errors import DatabaseUnavailable, JobqdError
-from jobqd.store.connections import connect, subscribe
+from jobqd.store.connections import connect, location, subscribe
 from jobqd.store.locks import lock_key, pg_locks_parts
 from jobqd.store.sql import queries
 
@@ -79,14 +79,9 @@ class PoolerDetected(JobqdError):
     """The connection goes through a pooler that multiplexes sessions: no leader lock."""
 
 
-def _where(dsn: str) -> str:
-    params = conninfo_to_dict(dsn)
-    return f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
-
-
 def pooler_message(dsn: str, evidence: str) -> str:
     return (
-        f"the leader lock needs a direct session to PostgreSQL, but {_where(dsn)} {evidence}: "
+        f"the leader lock needs a direct session to PostgreSQL, but {location(dsn)} {evidence}: "
         "this "
         "looks like a connection pooler such as pgbouncer in transaction or statement mode, "
         "where a session advisory lock stays on a server connection that other clients then "
@@ -115,7 +110,7 @@ def ensure_direct(dsn: str, *, application_name: str) -> None:
     except DatabaseUnavailable as exc:
         if "unsupported startup parameter" in str(exc):
             raise PoolerDetected(
-                f"cannot connect through {_where(dsn)}: it refused the 'options' startup "
+                f"cannot connect through {location(dsn)}: it refused the 'options' startup "
                 "parameter that jobqd sends with every session, as pgbouncer does. Connect "
                 "jobqd to PostgreSQL directly, or through a pgbouncer pool with pool_mode = "
                 "session and ignore_startup_parameters = options (see docs/pgbouncer.md)"

@@ -147,8 +147,8 @@ def subscribe(conn: psycopg.Connection, channel: str) -> None:
     conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel)))
 
 
-def describe_failure(dsn: str, exc: BaseException) -> str:
-    """Where we tried to connect and the server's reason, with no password in it."""
+def location(dsn: str) -> str:
+    """HOST:PORT/DB of a DSN for messages: never its password, whatever else it holds."""
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
@@ -156,7 +156,11 @@ def describe_failure(dsn: str, exc: BaseException) -> str:
     where = params.get("host") or "localhost"
     if params.get("port"):
         where += f":{params['port']}"
-    db = params.get("dbname", "")
+    return f"{where}/{params.get('dbname', '')}"
+
+
+def describe_failure(dsn: str, exc: BaseException) -> str:
+    """Where we tried to connect and the server's reason, with no password in it."""
     if "unsupported startup parameter" in str(exc):
         hint = (
             "a pooler such as pgbouncer refused the 'options' parameter jobqd sends its session "
@@ -165,4 +169,4 @@ def describe_failure(dsn: str, exc: BaseException) -> str:
         )
     else:
         hint = "check that the server is running and database.url / --dsn / JOBQD_DATABASE_URL"
-    return f"cannot connect to PostgreSQL at {where}/{db}: {redact(first_line(exc))} ({hint})"
+    return f"cannot connect to PostgreSQL at {location(dsn)}: {redact(first_line(exc))} ({hint})"
