@@ -115,7 +115,7 @@ def test_metrics_counters_match_the_ledger(nodes, ledger):
     assert code == 0, err
     status = json.loads(out)
     roles = sorted(p["role"] for p in status["processes"])
-    assert roles == ["maintenance", "worker", "worker"]
+    assert roles == ["http", "maintenance", "worker", "worker"]  # http: the node health row
     [queue] = status["queues"]
     assert (queue["succeeded_1h"], queue["dead"]) == (200, 5)
     wait_for(
