@@ -562,7 +562,7 @@ class Worker(ChildProcess):
         policy, queue = self.executor.policy, self.config.queue
         jobs = [claimed_job(row, queue, self.registry, policy) for row in rows]
         self.inflight.start(jobs)  # before any slot can finish one
-        self.leases.claimed(sent_at, jobs)
+        self.leases.claimed(sent_at)
         claimed: Counter[str] = Counter()
         for job in jobs:
             claimed[job.task] += 1

@@ -23,9 +23,10 @@ def test_a_lease_ends_a_margin_before_its_claim_plus_the_lease():
     clock = Clock()
     leases = LocalLeases(lease=3.0, margin=0.5, clock=clock)
     first = [job(1), job(2)]
-    leases.claimed(100.0, first)
+    leases.claimed(100.0)
+    leases.claimed(101.0)  # a later claim: its lease is counted from the first, early
     clock.now = 102.4
-    assert leases.expired(first) == []
+    assert not leases.overdue() and leases.expired(first) == []
     clock.now = 102.5
     assert leases.overdue() and leases.expired(first) == first
 
@@ -33,20 +34,20 @@ def test_a_lease_ends_a_margin_before_its_claim_plus_the_lease():
 def test_a_renewal_moves_every_lease_held_when_it_was_sent():
     clock = Clock()
     leases = LocalLeases(lease=3.0, margin=0.5, clock=clock)
-    old, new = job(1), job(2)
-    leases.claimed(100.0, [old])
+    held = [job(1)]
+    leases.claimed(100.0)
     leases.renewed(101.0)
-    leases.claimed(102.0, [new])
-    clock.now = 103.6  # past the renewal's end, not the newer claim's
-    assert leases.expired([old, new]) == [old]
-    clock.now = 104.6
-    assert leases.expired([old, new]) == [old, new]
+    clock.now = 103.4
+    assert leases.expired(held) == []
+    clock.now = 103.5
+    assert leases.expired(held) == held
 
 
 def test_nothing_is_overdue_while_renewals_come_back():
     clock = Clock()
     leases = LocalLeases(lease=3.0, margin=0.5, clock=clock)
-    leases.claimed(100.0, [job(1)])
+    assert not leases.overdue()  # nothing claimed yet
+    leases.claimed(100.0)
     for step in range(10):
         clock.now = 100.0 + step
         leases.renewed(clock.now)
