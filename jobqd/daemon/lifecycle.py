@@ -221,6 +221,7 @@ class ChildProcess:
         self.row = row
         self.stopping = Stopping.NO
         self.stop_requested_at = 0.0  # monotonic time of the first stop request
+        self._master_lost = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -278,26 +279,35 @@ class ChildProcess:
         return []
 
     def master_gone(self) -> bool:
-        """True (and stopping fast) once the master that forked this process is gone."""
+        """True (and draining) once the master that forked this process is gone."""
         if self.parent_pid is None or os.getppid() == self.parent_pid:
             return False
-        if self.stopping is not Stopping.FAST:
-            self.log.warning("master is gone; stopping", extra=self.fields())
-            self.stop(Stopping.FAST)
+        self._orphaned("master is gone")
         return True
+
+    def _orphaned(self, what: str) -> None:
+        """No master: drain, not a fast stop, so that running work finishes and every
+        outcome is written (a fast stop releases jobs that may finish a moment later, and
+        they would run twice). A stop already under way (the parent-death TERM) goes on as
+        it was; said once."""
+        if self._master_lost:
+            return
+        self._master_lost = True
+        self.log.warning("%s; finishing running work, then exiting", what, extra=self.fields())
+        if self.stopping is Stopping.NO:
+            self.stop(Stopping.DRAIN)
 
     # -- messages to the master -----------------------------------------------------------------
 
     def send(self, message: Message) -> bool:
         """Send `message` if there is a master to hear it. A closed pipe means the master is
-        gone: stop fast. Returns whether it was sent."""
+        gone: drain. Returns whether it was sent."""
         if self.sender is None:
             return False
         try:
             self.sender.send(message)
         except OSError:
-            self.log.warning("master pipe closed; stopping", extra=self.fields())
-            self.stop(Stopping.FAST)
+            self._orphaned("master pipe closed")
             return False
         return True
 

@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -38,7 +35,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from jobqd.errors import DatabaseUnavailable, JobqdError
-from jobqd.store.connections import connect, location, subscribe
+from jobqd.store.connections import RoundTripWatchdog, connect, location, subscribe
 from jobqd.store.locks import lock_key, pg_locks_parts
 from jobqd.store.sql import queries
 
@@ -66,7 +63,6 @@ CLIENT_PARAMS = {
 # of statements on the session may take longer: shorter than the server's 10-11 s, so a
 # partitioned leader has stopped before anyone else can start.
 TRUST_WINDOW = 8.0
-_WATCH_INTERVAL = 0.5
 LOCK_STATEMENT_TIMEOUT = 10.0
 _IDLE_IN_TRANSACTION_MS = 60_000
 
@@ -176,9 +172,7 @@ class LeaderSession:
         self.backend_pid: int | None = None
         self.held = False
         self.verified_at = float("-inf")
-        self._busy_since: float | None = None
-        self._closing = threading.Lock()  # the watchdog never touches a closed socket
-        self._watchdog: threading.Thread | None = None
+        self._watchdog = RoundTripWatchdog(TRUST_WINDOW, lambda: self.conn, name="watchdog")
         self._warned_options = False
 
     @property
@@ -211,30 +205,14 @@ class LeaderSession:
             raise
         self.conn = conn
         self.backend_pid = int(row[1])
-        if self._watchdog is None:
-            self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
-            self._watchdog.start()
         return conn
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
         """Mark a round of statements on the session; the watchdog ends a round that takes
         longer than TRUST_WINDOW by shutting the socket down, which fails the statement."""
-        self._busy_since = time.monotonic()
-        try:
+        with self._watchdog.busy():
             yield
-        finally:
-            self._busy_since = None
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(_WATCH_INTERVAL)
-            since = self._busy_since
-            if since is None or time.monotonic() - since < TRUST_WINDOW:
-                continue
-            with self._closing:
-                if self.conn is not None and not self.conn.closed:
-                    _shut_down(self.conn.pgconn.socket)
 
     def _set_options(self, conn: psycopg.Connection) -> None:
         """A pooler in session mode (pgbouncer) drops the options sent at connect: set them
@@ -316,14 +294,7 @@ class LeaderSession:
         """End the session; the server frees the lock with it."""
         self.held = False
         self.verified_at = float("-inf")
-        with self._closing:
+        with self._watchdog.closing():
             if self.conn is not None:
                 conn, self.conn = self.conn, None
                 conn.close()
-
-
-def _shut_down(fd: int) -> None:
-    """Shut a socket down under libpq's feet: its pending and next calls fail at once. The fd
-    stays open (libpq closes it), so no other file can take its number meanwhile."""
-    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
-        sock.shutdown(socket.SHUT_RDWR)

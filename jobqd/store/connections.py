@@ -4,15 +4,25 @@ embedded Postgres used when no database is configured.
 Every daemon session gets an `application_name` naming its process, a `statement_timeout` and
 an `idle_in_transaction_session_timeout` (a stuck session must never hold locks for long), and
 TCP keepalives so a dead peer is noticed in seconds rather than hours.
+
+Keepalives and `tcp_user_timeout` cannot see a half-open link whose far end still
+acknowledges (a middlebox on a dead path): there only a deadline kept by the client works.
+`RoundTripWatchdog` is that deadline, one piece for every session that needs one (the leader
+session, the worker's): a round trip that outlives its bound gets its socket shut down, so
+the statement fails at once and the caller reconnects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import socket
 import threading
+import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -106,6 +116,8 @@ def session_conninfo(
     statement_timeout_ms: int | None = 30_000,
     idle_in_transaction_timeout_ms: int = 60_000,
     extra_options: dict[str, str] | None = None,
+    connect_timeout: int = 10,
+    tcp_user_timeout_ms: int | None = None,
 ) -> str:
     """The caller's DSN plus jobqd's session settings, without losing options it already has."""
     try:
@@ -118,7 +130,9 @@ def session_conninfo(
         settings["statement_timeout"] = str(statement_timeout_ms)
     settings.update(extra_options or {})
     options += [f"-c {key}={value}" for key, value in settings.items()]
-    params.setdefault("connect_timeout", "10")
+    params.setdefault("connect_timeout", str(max(2, connect_timeout)))  # libpq's minimum: 2
+    if tcp_user_timeout_ms is not None:  # unacknowledged data fails the link after this
+        params.setdefault("tcp_user_timeout", str(tcp_user_timeout_ms))
     params.setdefault("keepalives", "1")
     params.setdefault("keepalives_idle", "10")
     params.setdefault("keepalives_interval", "3")
@@ -170,3 +184,73 @@ def describe_failure(dsn: str, exc: BaseException) -> str:
     else:
         hint = "check that the server is running and database.url / --dsn / JOBQD_DATABASE_URL"
     return f"cannot connect to PostgreSQL at {location(dsn)}: {redact(first_line(exc))} ({hint})"
+
+
+class RoundTripWatchdog:
+    """A deadline on every round trip of one session, kept by a thread of its own.
+
+    Wrap each round trip in `busy()`; one that takes longer than `bound` seconds has its
+    socket shut down, so libpq fails it at once (psycopg.OperationalError) and the caller
+    reconnects. `busy(conn)` watches that connection; `busy()` watches whatever `current()`
+    returns when the bound passes (for a round trip that may open its own connection). Close
+    a watched connection inside `closing()`: the watchdog never shuts down a socket number
+    that a closed connection gave back and another file took.
+    """
+
+    def __init__(
+        self,
+        bound: float,
+        current: Callable[[], psycopg.Connection | None] = lambda: None,
+        *,
+        name: str = "watchdog",
+    ) -> None:
+        self.bound = bound
+        self.tripped = 0  # round trips ended by the watchdog
+        self._current = current
+        self._name = name
+        self._interval = min(0.5, max(0.02, bound / 10))
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self._conn: psycopg.Connection | None = None
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def busy(self, conn: psycopg.Connection | None = None) -> Iterator[None]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name=self._name, daemon=True)
+            self._thread.start()
+        with self._lock:
+            self._conn, self._since = conn, time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._conn = self._since = None
+
+    @contextlib.contextmanager
+    def closing(self) -> Iterator[None]:
+        """Hold while closing a watched connection."""
+        with self._lock:
+            yield
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            with self._lock:
+                since = self._since
+                if since is None or time.monotonic() - since < self.bound:
+                    continue
+                conn = self._conn or self._current()
+                if conn is None or conn.closed:
+                    continue
+                self._since = None  # once per round trip
+                self.tripped += 1  # the caller's error log says why, from this count
+                with contextlib.suppress(psycopg.Error):
+                    shut_down(conn.pgconn.socket)
+
+
+def shut_down(fd: int) -> None:
+    """Shut a socket down under libpq's feet: its pending and next calls fail at once. The fd
+    stays open (libpq closes it), so no other file can take its number meanwhile."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)

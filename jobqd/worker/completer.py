@@ -90,9 +90,10 @@ class Completer:
     def send(self, conn: psycopg.Connection, batch: list[Outcome]) -> list[psycopg.Cursor]:
         return send_completions(conn, self.sql, batch)
 
-    def record(self, batch: list[Outcome], cursors: list[psycopg.Cursor]) -> None:
+    def record(self, batch: list[Outcome], cursors: list[psycopg.Cursor]) -> int:
         """Read what was written and count it: one counter update per task, not per job. An
-        outcome not written had lost its lease; that is logged, as it should be rare."""
+        outcome not written had lost its lease; that is logged, as it should be rare. Returns
+        how many were written."""
         ids = written(cursors)
         m, queue = self.metrics, self.queue
         tallies: dict[str, Counter[str]] = {}
@@ -123,3 +124,4 @@ class Completer:
         for task, tally in tallies.items():
             for outcome, n in tally.items():
                 counters[outcome].inc(queue, task, amount=n)
+        return len(ids)

@@ -2,15 +2,22 @@
 their leases alive, and writes their outcomes in batches.
 
 One control thread does every database round trip (claim, heartbeat, finish, release), so the
-runner threads only ever run tasks. The control thread sleeps on one selector over the LISTEN
-connection's socket and a wake-up pipe that signals and runner threads write to; it wakes for
-a notification, a finished job, a signal, or the next deadline (heartbeat, poll, flush, drain).
+runner threads only ever run tasks. Each round trip has a deadline of lease/3 (a watchdog cuts
+a link that stops answering), and the database being away is a state (`Outage`), not an
+error: the worker stops claiming, its jobs run on, their outcomes wait, and it reconnects with
+a capped backoff. A lease the worker cannot renew ends on its own clock first (`LocalLeases`):
+the job is flagged cancelled and nothing is written for it.
+
+The control thread sleeps on one selector over the LISTEN connection's socket and a wake-up
+pipe that signals and runner threads write to; it wakes for a notification, a finished job, a
+signal, or the next deadline (heartbeat, poll, flush, drain, reconnect).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue as queue_module
 import selectors
@@ -32,15 +39,17 @@ from jobqd.daemon.lifecycle import (
     ProcessRow,
     Stopping,
 )
-from jobqd.errors import EXIT_RECYCLE
+from jobqd.errors import EXIT_RECYCLE, first_line
 from jobqd.maintenance import reaper
 from jobqd.observe.metrics import MetricStore, define_jobqd_metrics
-from jobqd.store.connections import connect, subscribe
+from jobqd.store.connections import RoundTripWatchdog, connect, subscribe
 from jobqd.store.sql import int_array, queries
 from jobqd.tasks import Job, Registry
 from jobqd.worker.completer import Completer
 from jobqd.worker.executor import QUEUED, Executor, Policy, claimed_job
 from jobqd.worker.inflight import LEASE_LOST, InFlight
+from jobqd.worker.leases import LocalLeases
+from jobqd.worker.outage import UNREACHABLE, Outage
 
 log = logging.getLogger("jobqd.worker")
 
@@ -82,6 +91,16 @@ class WorkerConfig:
     @property
     def heartbeat_interval(self) -> float:
         return self.heartbeat or self.lease / 3
+
+    @property
+    def round_trip_bound(self) -> float:
+        """No round trip may take longer: a dead link is cut within lease/3."""
+        return self.lease / 3
+
+    @property
+    def lease_margin(self) -> float:
+        """How much before the database's expiry this worker gives a lease up."""
+        return min(self.lease / 2, max(0.5, self.lease / 10))
 
     @classmethod
     def from_settings(
@@ -173,6 +192,11 @@ class Worker(ChildProcess):
         self._listen: psycopg.Connection | None = None
         self._listen_fd = -1
         self._threads: list[threading.Thread] = []
+        self._watchdog = RoundTripWatchdog(config.round_trip_bound, name="db-watchdog")
+        self._tripped_seen = 0
+        self.leases = LocalLeases(config.lease, config.lease_margin)
+        self._outage = Outage(self.fields())
+        self._next_heartbeat = 0.0
 
     # -- stopping -----------------------------------------------------------------------
 
@@ -187,11 +211,21 @@ class Worker(ChildProcess):
     def _app_name(self) -> str:
         return f"{self.config.application_name} worker {self.config.queue}#{self.config.index}"
 
+    def _connect(self, application_name: str, **kw: Any) -> psycopg.Connection:
+        """A session whose connect and unacknowledged sends are bounded like its round trips."""
+        bound = self.config.round_trip_bound
+        return connect(
+            self.config.dsn,
+            application_name=application_name,
+            connect_timeout=math.ceil(bound),
+            tcp_user_timeout_ms=int(bound * 1000),
+            **kw,
+        )
+
     def _db(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(
-                self.config.dsn,
-                application_name=self._app_name(),
+            self._conn = self._connect(
+                self._app_name(),
                 statement_timeout_ms=int(self.config.statement_timeout * 1000),
             )
             self._conn.prepare_threshold = 0
@@ -199,15 +233,23 @@ class Worker(ChildProcess):
 
     def _drop_db(self) -> None:
         if self._conn is not None:
-            self._conn.close()
+            with self._watchdog.closing():
+                self._conn.close()
             self._conn = None
 
     def _open_listen(self, selector: selectors.BaseSelector) -> None:
+        conn = None
         try:
-            conn = connect(self.config.dsn, application_name=self._app_name() + " listen")
-            channel = conn.execute(self.sql.queues_channel, {"queue": self.config.queue}).fetchone()
-            subscribe(conn, channel[0])
+            conn = self._connect(self._app_name() + " listen")
+            with self._watchdog.busy(conn):
+                channel = conn.execute(
+                    self.sql.queues_channel, {"queue": self.config.queue}
+                ).fetchone()
+                subscribe(conn, channel[0])
         except Exception as exc:
+            if conn is not None:
+                with self._watchdog.closing():
+                    conn.close()
             log.warning("LISTEN unavailable, polling only: %s", exc, extra=self.fields())
             return
         self._listen = conn
@@ -222,7 +264,8 @@ class Worker(ChildProcess):
         except psycopg.Error as exc:
             log.warning("LISTEN connection lost (%s); reconnecting", exc, extra=self.fields())
             selector.unregister(self._listen_fd)
-            self._listen.close()
+            with self._watchdog.closing():
+                self._listen.close()
             self._listen = None
 
     def fields(self) -> dict[str, Any]:
@@ -284,10 +327,10 @@ class Worker(ChildProcess):
 
     def run(self) -> int:
         """Serve the queue until stopped; returns the process exit code."""
-        if self.config.dead_workers:
-            self.release_dead(self.config.dead_workers)
-        self.register(self._db())
-        self.sync_definitions()
+        if not self._boot():
+            self._close()
+            log.info("worker stopped before it could start", extra=self.fields())
+            return self._exit_code
         self.send_booted()
         log.info(
             "worker started: %d slots, lease %.0fs",
@@ -299,18 +342,91 @@ class Worker(ChildProcess):
             thread = threading.Thread(target=self._slot, name=f"slot-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        threading.Thread(target=self._watch_leases, name="leases", daemon=True).start()
         try:
             self._loop()
         finally:
             self._shutdown()
         return self._exit_code
 
+    def _boot(self) -> bool:
+        """Release dead predecessors' jobs, register, sync definitions. While the database is
+        away, wait for it (reporting to the master meanwhile) rather than exit and be
+        restarted; False when told to stop first."""
+        next_status = 0.0
+        while True:
+            try:
+                db = self._db()
+                with self._watchdog.busy(db):
+                    if self.config.dead_workers:
+                        self.release_dead(self.config.dead_workers)
+                    if self.process_id is None:
+                        self.register(db)
+                    self.sync_definitions()
+                break
+            except UNREACHABLE as exc:
+                self._lost_database(exc, "starting")
+            while (now := time.monotonic()) < self._outage.next_try:
+                self.master_gone()
+                if self.stopping is not Stopping.NO:
+                    return False
+                if now >= next_status:
+                    self._report_status()
+                    next_status = now + STATUS_INTERVAL
+                self.wait(min(self._outage.next_try, next_status) - now)
+        self._outage.ended(written=0, dropped=0)
+        return True
+
+    def _lost_database(self, exc: BaseException, doing: str) -> None:
+        """The database cannot be reached: drop the session, enter (or stay in) the outage."""
+        self._drop_db()
+        note = ""
+        if self._watchdog.tripped != self._tripped_seen:
+            self._tripped_seen = self._watchdog.tripped
+            note = f"no answer within {self.config.round_trip_bound:.1f}s, link cut: "
+        self._outage.failed(exc, doing=doing, held=self.inflight.waiting, note=note)
+
+    def _recover(self) -> None:
+        """One try to come back: write the held outcomes (fenced: those whose lease was lost
+        meanwhile are dropped), renew the leases, then claim as usual."""
+        try:
+            taken, written = self._exchange(claim=False)
+            self._heartbeat()
+        except UNREACHABLE as exc:
+            self._lost_database(exc, "reconnecting")
+            return
+        self._outage.ended(written=written, dropped=taken - written)
+        now = time.monotonic()
+        self._claim_now = True
+        self._next_poll = now
+        self._next_heartbeat = now + self.config.heartbeat_interval
+
+    def _watch_leases(self) -> None:
+        """The local end of leases, on a thread of its own: the control thread may be blocked
+        in a round trip (up to its bound) or a connect when a lease runs out."""
+        interval = min(0.1, self.config.lease_margin / 4)
+        while True:
+            time.sleep(interval)
+            if self.inflight.busy and self.leases.overdue():
+                for job in self.leases.expired(self.inflight.running()):
+                    self._give_up(job)
+
+    def _give_up(self, job: Job) -> None:
+        self.inflight.lose(job)
+        job.cancel(LEASE_LOST)
+        log.warning(
+            "lease not renewed in time (database unreachable): gave the job up before its "
+            "lease expires; it is flagged cancelled, its outcome will not be written, and the "
+            "reaper hands it out again",
+            extra=job.log_fields(),
+        )
+
     def _loop(self) -> None:
         selector = selectors.DefaultSelector()
         selector.register(self.wake_fd, selectors.EVENT_READ, "wake")
         self._open_listen(selector)
         now = time.monotonic()
-        next_heartbeat = now + self.config.heartbeat_interval
+        self._next_heartbeat = now + self.config.heartbeat_interval
         self._next_poll = now
         next_status = now
         next_listen_retry = now + _RECONNECT_PAUSE
@@ -321,28 +437,20 @@ class Worker(ChildProcess):
                 self.stopping is Stopping.DRAIN and now >= self._drain_deadline
             ):
                 return
-            try:
-                self._check_timeouts(now)
-                claim = (
-                    self.stopping is Stopping.NO
-                    and self.inflight.free > 0
-                    and (self._claim_now or now >= self._next_poll)
-                )
-                if claim or self._due_flush(now):
-                    self._exchange(claim)
-                if claim:
-                    self._next_poll = now + self.config.poll_interval
-                if now >= next_heartbeat:
-                    self._heartbeat()
-                    next_heartbeat = now + self.config.heartbeat_interval
-            except psycopg.OperationalError as exc:
-                log.warning("database error (%s); reconnecting", exc, extra=self.fields())
-                self._drop_db()
-                self._sleep_interruptibly(_RECONNECT_PAUSE)
-                continue
+            self._check_timeouts(now)
+            if self._outage.active:
+                if now >= self._outage.next_try:
+                    self._recover()
+            else:
+                self._work(now)
             if self.stopping is Stopping.DRAIN and self.inflight.empty():
                 return
-            if self._listen is None and self.stopping is Stopping.NO and now >= next_listen_retry:
+            if (
+                self._listen is None
+                and self.stopping is Stopping.NO
+                and not self._outage.active
+                and now >= next_listen_retry
+            ):
                 self._open_listen(selector)
                 next_listen_retry = now + _RECONNECT_PAUSE * 5
             if now >= next_status:
@@ -350,13 +458,46 @@ class Worker(ChildProcess):
                 self._check_memory()
                 next_status = now + STATUS_INTERVAL
             self._check_jobs_run()
-            timeout = self._next_wait(now, next_heartbeat, self._next_poll, next_status)
+            if self._outage.active:
+                timeout = self._outage_wait(now, next_status)
+            else:
+                timeout = self._next_wait(now, self._next_heartbeat, self._next_poll, next_status)
             for key, _ in selector.select(timeout):
                 if key.data == "wake":
                     self.drain_wake()
                 elif self._listen is not None:
                     self._drain_notifies(selector)
                     self._claim_now = True
+
+    def _work(self, now: float) -> None:
+        """Claim, write outcomes and renew leases as they are due."""
+        doing = "claiming and writing outcomes"
+        try:
+            claim = (
+                self.stopping is Stopping.NO
+                and self.inflight.free > 0
+                and (self._claim_now or now >= self._next_poll)
+            )
+            if claim or self._due_flush(now):
+                self._exchange(claim)
+            if claim:
+                self._next_poll = now + self.config.poll_interval
+            if now >= self._next_heartbeat:
+                doing = "renewing leases"
+                self._heartbeat()
+                self._next_heartbeat = now + self.config.heartbeat_interval
+        except UNREACHABLE as exc:
+            self._lost_database(exc, doing)
+
+    def _outage_wait(self, now: float, next_status: float) -> float:
+        """While the database is away only the next try, status, timeouts and a drain's end
+        are due: not claims, flushes or heartbeats."""
+        waits = [self._outage.next_try - now, next_status - now]
+        if self.stopping is Stopping.DRAIN:
+            waits.append(self._drain_deadline - now)
+        if self.inflight.busy and self._timeouts:
+            waits.append(self._next_timeout_check - now)
+        return max(0.0, min(waits))
 
     def _next_wait(self, now: float, *deadlines: float) -> float:
         waits = [d - now for d in deadlines]
@@ -371,21 +512,20 @@ class Worker(ChildProcess):
             waits.append(0.0)
         return max(0.0, min(waits))
 
-    def _sleep_interruptibly(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while self.stopping is not Stopping.FAST and (now := time.monotonic()) < deadline:
-            self.wait(deadline - now)
-
     # -- the hot path ---------------------------------------------------------------------
 
-    def _exchange(self, claim: bool) -> None:
+    def _exchange(self, claim: bool) -> tuple[int, int]:
         """One round trip: complete what finished and, if there is room, claim more, in
-        one transaction (one commit) through pipeline mode."""
+        one transaction (one commit) through pipeline mode. Returns how many outcomes were
+        sent and how many written (the others had lost their lease)."""
         batch = self.inflight.take()
         limit = self._claim_limit() if claim else 0
-        db = self._db()
+        if not batch and not limit:
+            return 0, 0
         try:
-            with db.transaction(), db.pipeline():
+            db = self._db()
+            sent_at = time.monotonic()
+            with self._watchdog.busy(db), db.transaction(), db.pipeline():
                 completions = self.completer.send(db, batch) if batch else []
                 if limit:
                     claimed = db.cursor()
@@ -398,11 +538,12 @@ class Worker(ChildProcess):
                             "process_id": self.process_id,
                         },
                     )
-        except psycopg.OperationalError:
+        except UNREACHABLE:
             self.inflight.put_back(batch)  # not written: keep them for the next try
             raise
+        written = 0
         if batch:
-            self.completer.record(batch, completions)
+            written = self.completer.record(batch, completions)
             # A job retried or snoozed for less than a poll interval gets no NOTIFY when it
             # comes due: look again when it does rather than at the next poll.
             soon = [o.delay for o in batch if o.state == QUEUED and o.delay is not None]
@@ -412,8 +553,9 @@ class Worker(ChildProcess):
             rows = claimed.fetchall()
             # A full batch means there is probably more: claim again as soon as slots free.
             self._claim_now = len(rows) == limit
-            self._start(rows)
+            self._start(rows, sent_at)
         self._set_title()
+        return len(batch), written
 
     def _claim_limit(self) -> int:
         limit = self.inflight.free
@@ -421,14 +563,15 @@ class Worker(ChildProcess):
             limit = min(limit, self.config.max_jobs_per_process - self._jobs_run)
         return max(0, limit)
 
-    def _start(self, rows: list[tuple[Any, ...]]) -> None:
-        """Hand claimed rows to the slots."""
+    def _start(self, rows: list[tuple[Any, ...]], sent_at: float) -> None:
+        """Hand claimed rows (whose claim was sent at `sent_at`) to the slots."""
         if not rows:
             return
         self._jobs_run += len(rows)
         policy, queue = self.executor.policy, self.config.queue
         jobs = [claimed_job(row, queue, self.registry, policy) for row in rows]
         self.inflight.start(jobs)  # before any slot can finish one
+        self.leases.claimed(sent_at)
         claimed: Counter[str] = Counter()
         for job in jobs:
             claimed[job.task] += 1
@@ -459,27 +602,32 @@ class Worker(ChildProcess):
         """One statement: the process row, and with it the leases of every job held."""
         held = self.inflight.held()
         db = self._db()
+        sent_at = time.monotonic()
         if not held:
-            self.heartbeat(db)
+            with self._watchdog.busy(db):
+                self.heartbeat(db)
         else:
             metadata = self.metadata()
-            rows = db.execute(
-                self.sql.leases_renew,
-                {
-                    "process_id": self.process_id,
-                    "metadata": json.dumps(metadata),
-                    "lease": self.config.lease,
-                    "ids": int_array([j.id for j in held]),
-                    "tokens": int_array([j.lease_token for j in held]),
-                },
-            ).fetchall()
+            with self._watchdog.busy(db):
+                rows = db.execute(
+                    self.sql.leases_renew,
+                    {
+                        "process_id": self.process_id,
+                        "metadata": json.dumps(metadata),
+                        "lease": self.config.lease,
+                        "ids": int_array([j.id for j in held]),
+                        "tokens": int_array([j.lease_token for j in held]),
+                    },
+                ).fetchall()
+                if not rows:  # every lease lost: whether the row lives is not in the answer
+                    self.heartbeat(db)
+                elif not rows[0][1]:
+                    self.row.removed(db, metadata)  # type: ignore[union-attr]
             renewed = {row[0] for row in rows}
-            alive = rows[0][1] if rows else None
             for job in held:
                 if job.id not in renewed:
                     self._lose(job)
-            if not alive:
-                self.row.removed(db, metadata)  # type: ignore[union-attr]
+        self.leases.renewed(sent_at)
 
     def _lose(self, job: Job) -> None:
         """The job is no longer ours (reaped, cancelled): tell the task, write nothing."""
@@ -576,35 +724,42 @@ class Worker(ChildProcess):
             if unfinished:
                 self._release(unfinished)
             if self.process_id is not None:
-                self.deregister(self._db())
-        except psycopg.Error as exc:
+                db = self._db()
+                with self._watchdog.busy(db):
+                    self.deregister(db)
+        except (*UNREACHABLE, psycopg.Error) as exc:
             log.error(
-                "could not write final state (%s); the reaper will release leftovers",
-                exc,
+                "could not write final state (%s): %d outcome(s) not written, %d running "
+                "job(s) not released; their leases expire and the reaper hands them out again",
+                first_line(exc),
+                self.inflight.waiting,
+                len(unfinished),
                 extra=self.fields(),
             )
         self._report_status()
         for _ in self._threads:
             self._ready.put(None)
-        for conn in (self._listen, self._conn):
-            if conn is not None:
-                conn.close()
+        self._close()
         log.info("worker stopped", extra=self.fields())
+
+    def _close(self) -> None:
+        with self._watchdog.closing():
+            for conn in (self._listen, self._conn):
+                if conn is not None:
+                    conn.close()
 
     def _release(self, jobs: list[Job]) -> None:
         at_most_once = [self._at_most_once(j) for j in jobs]
-        rows = (
-            self._db()
-            .execute(
+        db = self._db()
+        with self._watchdog.busy(db):
+            rows = db.execute(
                 self.sql.leases_release,
                 {
                     "ids": int_array([j.id for j in jobs]),
                     "tokens": int_array([j.lease_token for j in jobs]),
                     "at_most_once": at_most_once,
                 },
-            )
-            .fetchall()
-        )
+            ).fetchall()
         log.warning(
             "released %d unfinished job(s) at shutdown: %s",
             len(rows),

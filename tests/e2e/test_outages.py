@@ -106,7 +106,6 @@ def get(port: int, path: str) -> tuple[int | None, Any]:
         return None, None
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: workers exit when the database goes away")
 def test_workers_keep_their_pids_through_an_immediate_restart(pg, daemons, runs_dir):
     daemon = daemons("a", daemon_config(pg.dsn()))
     pids = [daemon.booted("worker default#0"), daemon.booted("worker default#1")]
@@ -129,7 +128,6 @@ def test_workers_keep_their_pids_through_an_immediate_restart(pg, daemons, runs_
     assert set(workers(daemon)) == set(pids)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a half-open link blocks workers; leases lapse")
 def test_no_job_runs_twice_at_once_across_a_half_open_link(pg, proxy, daemons, runs_dir):
     # Daemon `a` reaches the database through the proxy, `b` directly: while `a` is cut off,
     # `b` leads, reaps `a`'s expired leases and runs those jobs again.

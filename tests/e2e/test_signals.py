@@ -69,6 +69,7 @@ def test_a_second_sigterm_stops_fast_and_releases_the_jobs(jobqd, ledger):
 def test_a_killed_master_leaves_no_children_behind(jobqd, ledger):
     config = base_config(ledger)
     config["queues"]["default"] = {"processes": 2, "concurrency": 2}
+    config["shutdown_timeout"] = "2s"  # orphans drain this long (issue 10), then release
     daemon = jobqd(config)
     daemon.booted("worker default#0")
     daemon.booted("worker default#1")
@@ -81,8 +82,8 @@ def test_a_killed_master_leaves_no_children_behind(jobqd, ledger):
     assert daemon.wait(5) == -signal.SIGKILL
     wait_for(
         lambda: not any(alive(pid) for pid in children),
-        timeout=5,
+        timeout=10,
         what=f"children {sorted(children)} to exit after the master died",
     )
-    # They noticed in time to give their jobs back rather than leave them to lease expiry.
+    # They drained, then gave the unfinished jobs back rather than leave them to lease expiry.
     assert states(ledger, ids) == {"queued": 2}

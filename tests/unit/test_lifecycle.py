@@ -34,19 +34,25 @@ def test_a_stop_wakes_a_waiting_loop():
     assert child.wait(0.0) == []  # the wake pipe was drained
 
 
-def test_a_closed_master_pipe_stops_fast():
+def test_a_closed_master_pipe_drains():
     read_fd, write_fd = os.pipe()
     os.close(read_fd)
     child = ChildProcess(sender=Sender(write_fd))
     assert child.send(Status()) is False
-    assert child.stopping is Stopping.FAST
+    assert child.stopping is Stopping.DRAIN
+    assert child.send(Status()) is False
+    assert child.stopping is Stopping.DRAIN  # said again, still a drain: not a fast stop
 
 
-def test_a_new_parent_means_the_master_is_gone():
+def test_a_new_parent_means_the_master_is_gone_and_the_child_drains():
     assert ChildProcess(parent_pid=os.getppid()).master_gone() is False
     assert ChildProcess().master_gone() is False
     orphan = ChildProcess(parent_pid=os.getppid() + 1)
-    assert orphan.master_gone() is True and orphan.stopping is Stopping.FAST
+    assert orphan.master_gone() is True and orphan.stopping is Stopping.DRAIN
+    assert orphan.master_gone() is True and orphan.stopping is Stopping.DRAIN
+    terminated = ChildProcess(parent_pid=os.getppid() + 1)
+    terminated.stop(Stopping.DRAIN)  # the parent-death TERM came first
+    assert terminated.master_gone() is True and terminated.stopping is Stopping.DRAIN
 
 
 def test_every_role_has_an_entry():
