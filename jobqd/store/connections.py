@@ -92,6 +92,9 @@ def session_conninfo(
         settings["statement_timeout"] = str(statement_timeout_ms)
     settings.update(extra_options or {})
     options += [f"-c {key}={value}" for key, value in settings.items()]
+    # psycopg parses json/jsonb as UTF-8 bytes: whatever the database's encoding, the server
+    # converts to UTF8 for jobqd's sessions.
+    params["client_encoding"] = "UTF8"
     params.setdefault("connect_timeout", "10")
     params.setdefault("keepalives", "1")
     params.setdefault("keepalives_idle", "10")
