@@ -271,11 +271,12 @@ incorrect": the job's args are wrong and no retry can help, so it goes straight 
 _TAIL = 4000
 _POLL = 0.05  # how often a waiting slot looks at job.cancelled and its deadlines
 
-# Run by `python -I -S -c` between fork and the program: arms PR_SET_PDEATHSIG, then execs.
-# preexec_fn would do it in the forked copy of a multi-threaded worker, where Python code can
-# deadlock on a lock another thread held at fork; a fresh interpreter holds no such lock.
-# The signal fires when the parent *thread* exits: the slot thread that starts a program
-# waits in run() until it is gone, so in practice it fires only when the worker dies.
+# Run by `python -I -S -c` between fork and the program: arms PR_SET_PDEATHSIG (kept across
+# exec, except for set-user-ID programs), then execs. preexec_fn would do it in the forked copy
+# of a multi-threaded worker, where Python code can deadlock on a lock another thread held at
+# fork; a fresh interpreter holds no such lock (it costs about 10 ms per job). The signal fires
+# when the parent *thread* exits: run() does not return before the program is reaped, so the
+# thread that started it outlives it unless the whole worker dies.
 _EXEC_WITH_PARENT_DEATH_SIGNAL = """\
 import ctypes, os, sys
 ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL

@@ -149,6 +149,7 @@ def test_timeout_ends_the_program_and_its_group_before_the_worker_recycles(jobqd
     first = pids(tmp_path, job_id, 1)
     started = job_row(ledger, job_id)["started"]
     took = wait_gone(first, 10, "the timed-out program and its child to be gone") - started
+    print(f"ignoring SIGTERM, the program lived {took:.2f}s after its claim")
     assert took <= 1 + 1 + 1.5, f"program lived {took:.2f}s after its claim (timeout 1s, grace 1s)"
 
     recycled = daemon.wait_log(
@@ -175,6 +176,7 @@ def test_a_program_that_obeys_sigterm_ends_at_the_soft_timeout_without_a_recycle
     first = pids(tmp_path, job_id, 1)
     started = job_row(ledger, job_id)["started"]
     took = wait_gone(first, 10, "the program to stop at its soft timeout") - started
+    print(f"obeying SIGTERM, the program lived {took:.2f}s after its claim")
     assert took <= 1 + 1.5, f"program lived {took:.2f}s after its claim (timeout 1s)"
     second = pids(tmp_path, job_id, 2)
     wait_for(lambda: job_row(ledger, job_id)["state"] == "dead", timeout=20, what="job dead")
@@ -198,6 +200,7 @@ def test_cancel_stops_the_program_group_sigkill_after_the_grace(jobqd, ledger, t
     # The worker hears of the cancel at its next heartbeat (lease / 3 = 1 s); then TERM,
     # ignored, and KILL 1 s later.
     took = wait_gone(found, 10, "the cancelled job's program to be gone") - began
+    print(f"ignoring SIGTERM, the program was gone {took:.2f}s after the cancel")
     assert took <= 1 + 1 + 1.5, f"took {took:.2f}s after the cancel"
     assert job_row(ledger, job_id)["state"] == "cancelled"
     assert alive(worker) and daemon.child("worker default#0") == worker
@@ -217,9 +220,11 @@ def test_fast_stop_leaves_no_program_and_releases_the_jobs(jobqd, ledger, tmp_pa
     daemon = jobqd(config)
     daemon.booted("worker default#0")
     ids, found = _two_programs(ledger, tmp_path)
+    began = time.monotonic()
     daemon.signal(signal.SIGQUIT)
     daemon.wait(15)
-    assert not left_behind(found), "programs outlived a fast stop"
+    print(f"fast stop took {time.monotonic() - began:.2f}s")
+    wait_gone(found, 2, "no program after a fast stop (SIGKILL lands asynchronously)")
     assert [job_row(ledger, i)["state"] for i in ids] == ["queued", "queued"]
 
 
@@ -229,9 +234,11 @@ def test_drain_past_shutdown_timeout_leaves_no_program(jobqd, ledger, tmp_path):
     daemon = jobqd(config)
     daemon.booted("worker default#0")
     ids, found = _two_programs(ledger, tmp_path)
+    began = time.monotonic()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(15) == 0
-    assert not left_behind(found), "programs outlived the drain"
+    print(f"drain with shutdown_timeout 1s took {time.monotonic() - began:.2f}s")
+    wait_gone(found, 2, "no program after the drain (SIGKILL lands asynchronously)")
     assert [job_row(ledger, i)["state"] for i in ids] == ["queued", "queued"]
 
 
@@ -276,6 +283,9 @@ def test_programs_get_the_job_on_stdin_and_in_env_and_exit_codes_decide(jobqd, l
     assert "status 65 (discard): what went wrong" in rows[discard]["last_error"]
     assert (rows[failing]["state"], rows[failing]["attempt"]) == ("dead", 2)
     assert "exited with status 3: what went wrong" in rows[failing]["last_error"]
+    with Client(ledger) as client:
+        record = client.get(failing).errors[-1]
+    assert "stderr: first line\nwhat went wrong" in record["traceback"], "the tails are kept"
 
     seen = json.loads((tmp_path / f"seen-{later}-2.json").read_text())
     assert seen["stdin"] == {
