@@ -4,11 +4,16 @@ exceptions a task raises on purpose, middleware, and command tasks declared in Y
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import json
 import os
+import select
+import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -263,22 +268,151 @@ def import_modules(modules: Iterable[str]) -> None:
 
 
 class CommandFailed(Exception):
-    """A command task exited non-zero; the message has the exit status and output tails."""
+    """A command task's program failed; the message has its exit status and last stderr line,
+    a note (kept in the job's error record, not in log lines) the tails of its output."""
 
+
+EXIT_RETRY = 75
+"""A program's exit status for "retry later": EX_TEMPFAIL in sysexits.h, the code mail
+agents and cron wrappers already read as "temporary failure, try again". Spends an attempt."""
+EXIT_DISCARD = 65
+"""A program's exit status for "discard": EX_DATAERR in sysexits.h, "the input data was
+incorrect": the job's args are wrong and no retry can help, so it goes straight to dead."""
 
 _TAIL = 4000
+_POLL = 0.05  # how often a waiting slot looks at job.cancelled and its deadlines
+
+# Run by `python -I -S -c` between fork and the program: arms PR_SET_PDEATHSIG (kept across
+# exec, except for set-user-ID programs), then execs. preexec_fn would do it in the forked copy
+# of a multi-threaded worker, where Python code can deadlock on a lock another thread held at
+# fork; a fresh interpreter holds no such lock (it costs about 10 ms per job). The signal fires
+# when the parent *thread* exits: run() does not return before the program is reaped, so the
+# thread that started it outlives it unless the whole worker dies.
+_EXEC_WITH_PARENT_DEATH_SIGNAL = """\
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+if os.getppid() != int(sys.argv[1]):  # the worker died before the signal was armed
+    os._exit(1)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    sys.stderr.write(f"cannot run {sys.argv[2]}: {exc.strerror}\\n")
+    os._exit(127)
+"""
 
 
-def _tail(data: bytes | str | None) -> str:
-    if not data:
-        return ""
-    text = data.decode(errors="replace") if isinstance(data, bytes) else data
-    return text[-_TAIL:]
+def _tail(file: Any) -> str:
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - _TAIL))
+    return file.read().decode(errors="replace")
 
 
-def command_task(name: str, settings: Any) -> TaskSpec:
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1][:200] if lines else ""
+
+
+class _Program:
+    """One running program, leader of its own process group (pgid == pid). The group is
+    signalled only while the leader is unreaped, so its id cannot belong to anyone else."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.stopped_at: float | None = None  # when it got SIGTERM
+        self._lock = threading.Lock()
+        self._reaped = False
+        try:
+            self._pidfd: int | None = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # Linux before 5.3: poll with sleeps
+            self._pidfd = None
+
+    def signal(self, signum: int) -> None:
+        with self._lock:
+            if not self._reaped:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.popen.pid, signum)
+
+    def stop(self) -> None:
+        """SIGTERM to the group, once; the caller sends SIGKILL after its grace."""
+        if self.stopped_at is None:
+            self.stopped_at = time.monotonic()
+            self.signal(signal.SIGTERM)
+
+    def exited(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the leader to exit, without reaping it."""
+        if self._pidfd is not None:
+            select.select([self._pidfd], [], [], timeout)
+        else:
+            time.sleep(timeout)
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        return os.waitid(os.P_PID, self.popen.pid, flags) is not None
+
+    def reap(self) -> int:
+        """SIGKILL whatever is left in the group (children the program left behind), then
+        collect the leader's exit status."""
+        self.signal(signal.SIGKILL)
+        with self._lock:
+            code = self.popen.wait()
+            self._reaped = True
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+        return code
+
+
+_programs: set[_Program] = set()
+_programs_changed = threading.Condition()
+
+
+def end_programs(grace: float) -> int:
+    """Stop every program still running in this process: SIGTERM to each group, SIGKILL
+    after `grace`. For a worker about to exit, whose programs must not outlive it. Returns
+    how many there were."""
+    with _programs_changed:
+        programs = list(_programs)
+    for program in programs:
+        program.stop()
+    with _programs_changed:
+        _programs_changed.wait_for(lambda: not _programs, timeout=grace)
+        left = list(_programs)
+    for program in left:
+        program.signal(signal.SIGKILL)
+    with _programs_changed:
+        _programs_changed.wait_for(lambda: not _programs, timeout=1.0)
+    return len(programs)
+
+
+def _job_document(job: Job) -> bytes:
+    return json.dumps(
+        {
+            "id": job.id,
+            "queue": job.queue,
+            "task": job.task,
+            "attempt": job.attempt,
+            "max_attempts": job.max_attempts,
+            "args": job.args,
+        }
+    ).encode()
+
+
+def _job_environment(job: Job) -> dict[str, str]:
+    return {
+        "JOBQD_JOB_ID": str(job.id),
+        "JOBQD_ATTEMPT": str(job.attempt),
+        "JOBQD_MAX_ATTEMPTS": str(job.max_attempts),
+        "JOBQD_QUEUE": job.queue,
+        "JOBQD_TASK": job.task,
+    }
+
+
+def command_task(name: str, settings: Any, *, grace: float) -> TaskSpec:
     """A task that runs a program: argv items are templates filled from the job's args
-    (`{user_id}`), exit 0 is success, and the tails of stdout/stderr are kept."""
+    (`{user_id}`); the job arrives as JSON on stdin and in JOBQD_* variables; exit 0 is
+    success, EXIT_RETRY retry later, EXIT_DISCARD dead now, anything else a failure.
+
+    The program runs in its own process group, which never outlives the job: once the job is
+    cancelled (soft timeout, `jobqctl cancel`, a lost lease, the worker stopping) the group
+    gets SIGTERM, and SIGKILL `grace` seconds later (the queue's grace); whatever the
+    program left in its group is killed when it exits."""
 
     def run(job: Job) -> dict[str, Any]:
         values = job.args if isinstance(job.args, Mapping) else {"args": job.args}
@@ -286,28 +420,31 @@ def command_task(name: str, settings: Any) -> TaskSpec:
             argv = [part.format_map(values) for part in settings.command]
         except (KeyError, IndexError, ValueError) as exc:
             raise Discard(f"command argv template needs {exc} from the job's args") from exc
-        env = {**os.environ, **dict(settings.env)}
-        try:
-            proc = subprocess.run(
-                argv,
-                env=env,
-                cwd=settings.cwd,
-                capture_output=True,
-                timeout=settings.timeout,
-                check=False,
+        env = {**os.environ, **dict(settings.env), **_job_environment(job)}
+        with (
+            tempfile.TemporaryFile() as stdin,
+            tempfile.TemporaryFile() as stdout,
+            tempfile.TemporaryFile() as stderr,
+        ):
+            stdin.write(_job_document(job))
+            stdin.seek(0)
+            code = _run_program(job, argv, env, settings, grace, stdin, stdout, stderr)
+            out, err = _tail(stdout), _tail(stderr)
+        if job.cancelled and code != 0:
+            raise JobCancelled(
+                f"{job.cancel_reason}: {argv[0]} was stopped (SIGTERM, SIGKILL after {grace:g}s)"
             )
-        except subprocess.TimeoutExpired as exc:
-            raise CommandFailed(
-                f"{argv[0]} timed out after {settings.timeout}s; stderr: {_tail(exc.stderr)}"
-            ) from exc
-        except OSError as exc:
-            raise CommandFailed(f"cannot run {argv[0]}: {exc}") from exc
-        if proc.returncode != 0:
-            raise CommandFailed(
-                f"{argv[0]} exited with status {proc.returncode}; "
-                f"stderr: {_tail(proc.stderr)}; stdout: {_tail(proc.stdout)}"
-            )
-        return {"exit_code": 0, "stdout": _tail(proc.stdout), "stderr": _tail(proc.stderr)}
+        if code == 0:
+            return {"exit_code": 0, "stdout": out, "stderr": err}
+        detail = _last_line(err)
+        if code == EXIT_RETRY:
+            raise Retry(reason=f"{argv[0]} exited with status {code} (retry later): {detail}")
+        if code == EXIT_DISCARD:
+            raise Discard(f"{argv[0]} exited with status {code} (discard): {detail}")
+        status = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        failed = CommandFailed(f"{argv[0]} {status}: {detail}")
+        failed.add_note(f"stderr: {err}\nstdout: {out}")
+        raise failed
 
     return TaskSpec(
         name=name,
@@ -318,9 +455,52 @@ def command_task(name: str, settings: Any) -> TaskSpec:
     )
 
 
-def register_commands(tasks: Mapping[str, Any], registry: Registry = registry) -> None:
+def _run_program(
+    job: Job, argv: list[str], env: dict[str, str], settings: Any, grace: float, *files: Any
+) -> int:
+    """Start the program and wait for it, stopping its group once the job is cancelled or
+    past the command's own timeout; returns its exit status (-N: killed by signal N)."""
+    stdin, stdout, stderr = files
+    job.check()  # cancelled while it waited for a slot
+    spawn = [sys.executable, "-I", "-S", "-c", _EXEC_WITH_PARENT_DEATH_SIGNAL, str(os.getpid())]
+    try:
+        popen = subprocess.Popen(
+            [*spawn, *argv],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            cwd=settings.cwd,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise CommandFailed(f"cannot run {argv[0]}: {exc}") from exc
+    program = _Program(popen)
+    with _programs_changed:
+        _programs.add(program)
+    try:
+        while not program.exited(_POLL):
+            now = time.monotonic()
+            if settings.timeout is not None and now - job.started_monotonic >= settings.timeout:
+                job.cancel("soft timeout")
+            if job.cancelled:
+                program.stop()
+            if program.stopped_at is not None and now - program.stopped_at >= grace:
+                program.signal(signal.SIGKILL)
+    finally:
+        code = program.reap()
+        with _programs_changed:
+            _programs.discard(program)
+            _programs_changed.notify_all()
+    return code
+
+
+def register_commands(
+    tasks: Mapping[str, Any], *, grace: float, registry: Registry = registry
+) -> None:
+    """Register the config's `tasks:`; `grace` is the time from SIGTERM to SIGKILL."""
     for name, settings in tasks.items():
-        registry.add(command_task(name, settings))
+        registry.add(command_task(name, settings, grace=grace))
 
 
 class EventLoopThread:

@@ -112,7 +112,7 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
             tasks.import_modules([module])
         except ImportError as exc:
             error(("imports", index), str(exc))
-    tasks.register_commands(settings.tasks)
+    tasks.register_commands(settings.tasks, grace=0.0)  # looked up here, never run
     known = tasks.registry.names()
     for name, entry in settings.cron.items():
         if tasks.registry.get(entry.task) is None:

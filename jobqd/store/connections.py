@@ -130,6 +130,9 @@ def session_conninfo(
         settings["statement_timeout"] = str(statement_timeout_ms)
     settings.update(extra_options or {})
     options += [f"-c {key}={value}" for key, value in settings.items()]
+    # psycopg parses json/jsonb as UTF-8 bytes: whatever the database's encoding, the server
+    # converts to UTF8 for jobqd's sessions.
+    params["client_encoding"] = "UTF8"
     params.setdefault("connect_timeout", str(max(2, connect_timeout)))  # libpq's minimum: 2
     if tcp_user_timeout_ms is not None:  # unacknowledged data fails the link after this
         params.setdefault("tcp_user_timeout", str(tcp_user_timeout_ms))

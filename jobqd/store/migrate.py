@@ -4,6 +4,11 @@ Ten daemons starting at once must migrate once: every runner takes the same sess
 lock (derived from the schema name) before looking at what is applied, so the others wait and
 then find nothing pending. Each file runs in its own transaction together with the row that
 records it, so a failed file leaves no trace and is retried next time.
+
+A database whose encoding is SQL_ASCII is refused before anything is read or written: it
+stores bytes without knowing their encoding, so Postgres cannot convert JSON text for it (a
+`\\u00e9` escape in a payload is an error), non-ASCII text reads back as undecodable bytes,
+and every text column (the checksums below among them) reaches psycopg as bytes.
 """
 
 from __future__ import annotations
@@ -86,8 +91,23 @@ def _check(applied: dict[int, str], known: list[Migration]) -> list[Migration]:
     return [m for m in known if m.version not in applied]
 
 
+def check_encoding(conn: psycopg.Connection) -> None:
+    """Refuse a SQL_ASCII database with the fix; the server reports its encoding when the
+    session starts, so this costs no round trip."""
+    encoding = conn.info.parameter_status("server_encoding")
+    if encoding == "SQL_ASCII":
+        raise MigrationError(
+            f'database "{conn.info.dbname}" has encoding SQL_ASCII, which stores bytes '
+            "unchecked: jobqd cannot keep JSON payloads in it (non-ASCII text is refused or "
+            "comes back as raw bytes). Use a UTF8 database: CREATE DATABASE name ENCODING "
+            "'UTF8' TEMPLATE template0, and point database.url at it"
+        )
+
+
 def pending(conn: psycopg.Connection, schema: str) -> list[Migration]:
-    """Migrations not yet applied; raises MigrationError when the applied set is inconsistent."""
+    """Migrations not yet applied; raises MigrationError when the applied set is inconsistent
+    or the database's encoding cannot hold jobqd's data."""
+    check_encoding(conn)
     return _check(_applied(conn, schema), available())
 
 

@@ -44,7 +44,7 @@ from jobqd.maintenance import reaper
 from jobqd.observe.metrics import MetricStore, define_jobqd_metrics
 from jobqd.store.connections import RoundTripWatchdog, connect, subscribe
 from jobqd.store.sql import int_array, queries
-from jobqd.tasks import Job, Registry
+from jobqd.tasks import Job, Registry, end_programs
 from jobqd.worker.completer import Completer
 from jobqd.worker.executor import QUEUED, Executor, Policy, claimed_job
 from jobqd.worker.inflight import LEASE_LOST, InFlight
@@ -55,6 +55,9 @@ log = logging.getLogger("jobqd.worker")
 
 _RECONNECT_PAUSE = 1.0
 _TIMEOUT_CHECK_INTERVAL = 0.1
+_PROGRAM_GRACE_AT_EXIT = 1.0
+"""SIGTERM to SIGKILL for command tasks' programs when the worker exits: the master kills a
+worker 1.5 s after it told it to stop (QUIT_GRACE), and the jobs must be released before."""
 
 
 @dataclass(frozen=True)
@@ -719,6 +722,8 @@ class Worker(ChildProcess):
         unfinished = self.inflight.abandon_running()
         for job in unfinished:
             job.cancel("worker shutting down")
+        # Before their jobs are released: a released job may start elsewhere at once.
+        end_programs(min(self.config.grace, _PROGRAM_GRACE_AT_EXIT))
         try:
             self._exchange(claim=False)
             if unfinished:
@@ -788,7 +793,7 @@ def serve(
 
     tasks.import_modules(imports)
     if commands:
-        tasks.register_commands(commands)
+        tasks.register_commands(commands, grace=config.grace)
     worker = Worker(config, tasks.registry, sender=sender, parent_pid=parent_pid, on_title=on_title)
     worker.install_signals()
     return worker.run()

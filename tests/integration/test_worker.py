@@ -368,7 +368,7 @@ def test_command_task(db, tmp_path, workers):
         queue = "default"
         max_attempts = 1
 
-    spec: TaskSpec = command_task("shell", Settings)
+    spec: TaskSpec = command_task("shell", Settings, grace=1.0)
     from jobqd.tasks import Job
 
     ok = spec.fn(
