@@ -31,6 +31,9 @@ within `CRASH_LOOP_WINDOW` of children that had booted (a job that kills its pro
 CRASH_LOOP_WINDOW = 60.0
 """Seconds over which exits after boot are counted towards a crash loop."""
 
+LEADER_SILENCE = 3.0
+"""A maintenance child silent this long is no longer reported as the leader."""
+
 STABLE_AFTER = 10.0
 """A child that stayed booted this long has its restart backoff reset."""
 
@@ -152,6 +155,11 @@ class Child:
 
     def __post_init__(self) -> None:
         self.receiver = Receiver(self.fd)
+
+    def leads(self, now: float) -> bool:
+        """Whether it said it leads and has spoken within LEADER_SILENCE: a frozen leader's
+        last word is stale (the database ends its lock session after leader_timeout)."""
+        return bool(self.leader) and now - self.last_heard < LEADER_SILENCE
 
     @property
     def booted(self) -> bool:

@@ -21,6 +21,7 @@ def status_line(
     *,
     stopping: str | None,
     reload_failed: bool,
+    now: float,
 ) -> str:
     """One line for systemd's STATUS=: workers, busy slots, leadership, restarts; while
     stopping (`"drain"` or `"fast"`), only how many children are left."""
@@ -29,7 +30,7 @@ def status_line(
         return f"{word}: {len(children)} children left"
     live = [c for c in children if c.stopping_since is None]
     workers = [c for c in live if c.spec.kind == WORKER]
-    leader = any(c.leader for c in live if c.spec.kind == MAINTENANCE)
+    leader = any(c.leads(now) for c in live if c.spec.kind == MAINTENANCE)
     busy = sum(c.busy for c in workers)
     slots = sum(c.concurrency for c in workers)
     total = sum(r.total for r in restarts.values())
@@ -55,6 +56,7 @@ def health(
     stopping: bool,
     status: str,
     master_alive_at: float,
+    now: float,
 ) -> dict[str, Any]:
     """The `health` message for the http child: one entry per wanted spec, named as in the
     logs, with `pid` None while the spec waits to be restarted, and `preparing`, why the
@@ -73,7 +75,7 @@ def health(
             "started_at": child.started_wall if child else None,
             "busy": child.busy if child else 0,
             "concurrency": child.concurrency if child else 0,
-            "leader": child.leader if child else None,
+            "leader": None if child is None or child.leader is None else child.leads(now),
             "restarts": spec_restarts.total,
             "crash_looping": spec_restarts.crash_looping,
             "crash_loop": spec_restarts.describe() if spec_restarts.crash_looping else None,

@@ -883,6 +883,7 @@ class Supervisor:
             self.restarts,
             stopping=self._stopping,
             reload_failed=self._reload_failed,
+            now=time.monotonic(),
         )
 
     def _notify(self, now: float) -> None:
@@ -906,6 +907,7 @@ class Supervisor:
             stopping=self._stopping is not None,
             status=self.status_line(),
             master_alive_at=time.time(),
+            now=time.monotonic(),
         )
 
     def _feed(self, now: float) -> None:

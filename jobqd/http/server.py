@@ -214,10 +214,13 @@ class App:
 
     # -- metrics and health -----------------------------------------------------------------
 
-    def _count(self) -> tuple[dict[tuple[str, str], int], dict[str, float]] | None:
+    def _count(self) -> tuple[Any, Any, dict[str, Any] | None] | None:
+        """Jobs per queue and state, the oldest due job per queue, and the leader lock's
+        holder (from pg_locks), in one session; None when the database cannot be read."""
         try:
             with self.sessions.session() as conn:
-                return admin.queue_depth(conn, self.schema)
+                depth, oldest = admin.queue_depth(conn, self.schema)
+                return depth, oldest, admin.leader(conn, self.schema)
         except (psycopg.Error, DatabaseUnavailable) as exc:
             log.warning("cannot count jobs for /metrics: %s", first_line(exc))
             return None
@@ -232,8 +235,13 @@ class App:
         store.merge(snapshot)
         counted = self._gauges.get()
         database_up.set(0 if counted is None else 1)
+        # Leadership from the lock itself, never from what the maintenance child said of
+        # itself: a frozen leader keeps saying it leads after the database ended its session.
+        _, health, _ = self.feed.state()
+        holder = counted[2] if counted is not None else None
+        metrics.leader.set(1 if _leads_here(holder, health) else 0)
         if counted is not None:
-            depth, oldest = counted
+            depth, oldest, _ = counted
             for (queue, state), jobs in depth.items():
                 metrics.queue_jobs.set(jobs, queue, state)
             for queue, age in oldest.items():
@@ -378,6 +386,14 @@ def _set_database_health(metrics: DatabaseMetrics, health: dict[str, Any]) -> No
         vacuumed = table["vacuumed_at"]
         metrics.last_vacuum.set(vacuumed.timestamp() if vacuumed else 0, database, name)
     metrics.health_warnings.set(len(health["warnings"]), database)
+
+
+def _leads_here(holder: dict[str, Any] | None, health: dict[str, Any] | None) -> bool:
+    """Whether the leader lock's holder is this node's maintenance child."""
+    if holder is None or health is None or holder.get("host") != socket.gethostname():
+        return False
+    maintenance = (health.get("children") or {}).get("maintenance") or {}
+    return maintenance.get("pid") is not None and holder.get("pid") == maintenance["pid"]
 
 
 def _children_problem(health: dict[str, Any] | None) -> str | None:

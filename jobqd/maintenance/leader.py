@@ -9,7 +9,8 @@ ends it once it falls silent (a frozen process, whose kernel still answers keepa
 partition) and frees the lock; a healthy leader and standby speak on it every tick or try, far
 more often. A frozen leader that resumes finds its session gone at its next statement and
 steps down. The old leader also stops trusting its leadership when it has not verified the
-lock for `TRUST_WINDOW` seconds.
+lock for its trust window: `TRUST_WINDOW`, or less when `leader_timeout` is shorter, so a
+cut-off leader stops acting before the server can have freed its lock for a standby.
 
 A graceful release NOTIFYs the leader channel, which every standby LISTENs to on its lock
 session, so a standby tries for the lock at once instead of at its next retry. A statement can also
@@ -172,7 +173,8 @@ class LeaderSession:
         self.backend_pid: int | None = None
         self.held = False
         self.verified_at = float("-inf")
-        self._watchdog = RoundTripWatchdog(TRUST_WINDOW, lambda: self.conn, name="watchdog")
+        self.trust_window = min(TRUST_WINDOW, 0.8 * leader_timeout)
+        self._watchdog = RoundTripWatchdog(self.trust_window, lambda: self.conn, name="watchdog")
         self._warned_options = False
 
     @property
@@ -210,7 +212,7 @@ class LeaderSession:
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
         """Mark a round of statements on the session; the watchdog ends a round that takes
-        longer than TRUST_WINDOW by shutting the socket down, which fails the statement."""
+        longer than the trust window by shutting the socket down, which fails the statement."""
         with self._watchdog.busy():
             yield
 
@@ -279,7 +281,7 @@ class LeaderSession:
 
     def trusted(self) -> bool:
         """Held and verified recently enough to act as leader."""
-        return self.held and time.monotonic() - self.verified_at < TRUST_WINDOW
+        return self.held and time.monotonic() - self.verified_at < self.trust_window
 
     def release(self) -> None:
         """Free the lock and wake the standbys, before the session ends (which frees it too,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -152,3 +153,42 @@ def test_pause_on_one_node_stops_claiming_on_another(nodes, ledger):
 
     assert jobqctl("-c", str(second.config_path), "resume", "default")[0] == 0
     wait_for(lambda: states(ledger, later) == {"succeeded": 10}, what="claims to resume")
+
+
+def leader_gauge(base: str) -> float | None:
+    status, text = get(base + "/metrics")
+    if status != 200:
+        return None
+    for family in text_string_to_metric_families(text):
+        if family.name == "jobqd_leader":
+            return next((s.value for s in family.samples), None)
+    return None
+
+
+def test_leadership_in_metrics_and_status_comes_from_the_lock(nodes, ledger):
+    """A frozen leader keeps its last word ("I lead"); /metrics and the master's status line
+    follow the lock instead: 0 and "leader: no" once the database ended its session."""
+    port = free_port()
+    config = base_config(ledger)
+    config["http"] = {"listen": f"127.0.0.1:{port}"}
+    config["maintenance"] = {"interval": "200ms", "standby_retry": "500ms", "leader_timeout": "2s"}
+    daemon = nodes(config)
+    base = f"http://127.0.0.1:{port}"
+    maintenance = daemon.booted("maintenance")
+    wait_for(lambda: leader_gauge(base) == 1, timeout=15, what="jobqd_leader 1")
+
+    def master_line() -> str:
+        status, body = get(base + "/healthz")
+        return json.loads(body).get("master", "") if status == 200 else ""
+
+    assert "leader: yes" in wait_for(lambda: "leader: yes" in master_line() and master_line())
+    os.kill(maintenance, signal.SIGSTOP)
+    try:
+        wait_for(lambda: leader_gauge(base) == 0, timeout=10, what="jobqd_leader 0 while frozen")
+        wait_for(lambda: "leader: no" in master_line(), timeout=10, what="status: leader: no")
+        held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+        held += "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        assert scalar(ledger, held) == 0
+    finally:
+        os.kill(maintenance, signal.SIGCONT)
+    wait_for(lambda: leader_gauge(base) == 1, timeout=15, what="leading again after SIGCONT")

@@ -17,6 +17,7 @@ from jobqd.config.settings import parse
 from jobqd.daemon import report, supervisor
 from jobqd.daemon.children import (
     CRASH_LOOP_AFTER,
+    LEADER_SILENCE,
     MAINTENANCE,
     RESTART_BACKOFF,
     STABLE_AFTER,
@@ -645,6 +646,7 @@ def children(*, busy: tuple[int, int] = (1, 3), leader: bool | None = True) -> l
 def line(kids: list[Child], restarts=None, **kw: object) -> str:
     kw.setdefault("stopping", None)
     kw.setdefault("reload_failed", False)
+    kw.setdefault("now", time.monotonic())
     return report.status_line(kids, SPECS, restarts or {}, **kw)  # type: ignore[arg-type]
 
 
@@ -654,6 +656,13 @@ def test_status_line_counts_workers_busy_slots_leadership_and_restarts():
     assert line(children(leader=None)[1:]) == "1 worker, 3/4 slots busy, leader: no, 0 restarts"
     restarts = {SPECS[0].ident: Restarts(total=2), SPECS[2].ident: Restarts(total=1)}
     assert line(children(), restarts).endswith(", 3 restarts")
+
+
+def test_a_silent_leader_is_not_reported_as_leading():
+    kids = children()
+    heard = kids[-1].last_heard
+    assert line(kids, now=heard + LEADER_SILENCE - 0.1).count("leader: yes") == 1
+    assert "leader: no" in line(kids, now=heard + LEADER_SILENCE)
 
 
 def test_status_line_leaves_out_stopping_children_and_names_crash_loops():
@@ -681,7 +690,14 @@ def test_health_has_one_entry_per_spec_and_none_pid_while_waiting():
     kids[0].booted_at = 5.0
     restarts = {SPECS[1].ident: Restarts(total=4, crash_looping=True)}
     message = report.health(
-        kids, SPECS, restarts, ready=True, stopping=False, status="s", master_alive_at=12.5
+        kids,
+        SPECS,
+        restarts,
+        ready=True,
+        stopping=False,
+        status="s",
+        master_alive_at=12.5,
+        now=time.monotonic(),
     )
     assert message["kind"] == "health" and message["master_alive_at"] == 12.5
     assert (message["ready"], message["stopping"], message["status"]) == (True, False, "s")
