@@ -147,6 +147,8 @@ def worker_config(dsn: str, **settings: Any) -> Any:
     from jobqd.worker.process import WorkerConfig
 
     config = WorkerConfig.from_settings(dsn, Settings.default(), "default")
+    if "lease" in settings and "heartbeat" not in settings:
+        settings["heartbeat"] = None  # lease / 3, as the config resolves it for a given lease
     return dataclasses.replace(config, **settings)
 
 

@@ -223,8 +223,11 @@ def connect_waiting(dsn: str, wait: float, note: Callable[[str], None]) -> psyco
 
 def _bounded(dsn: str, remaining: float) -> str:
     """`dsn` with a connect_timeout that ends within the wait (libpq's least is 2s), unless
-    the DSN sets its own."""
-    if "connect_timeout" in conninfo_to_dict(dsn):
+    the DSN sets its own. A malformed DSN is returned as it is: connecting says so, redacted."""
+    try:
+        if "connect_timeout" in conninfo_to_dict(dsn):
+            return dsn
+    except psycopg.ProgrammingError:
         return dsn
     return make_conninfo(dsn, connect_timeout=str(max(2, min(10, math.ceil(remaining)))))
 
