@@ -69,6 +69,7 @@ def drain_once(tree: Path, base_dsn: str, n: int, procs: int, concurrency: int) 
                 [str(python), "-m", "jobqd.cli.ctl", "--dsn", dsn, "migrate"],
                 check=True,
                 env=env,
+                cwd=home,  # not this checkout: `-m` would import the jobqd beside the cwd
                 capture_output=True,
             )
             with psycopg.connect(dsn, autocommit=True) as conn:
@@ -77,12 +78,13 @@ def drain_once(tree: Path, base_dsn: str, n: int, procs: int, concurrency: int) 
                     (n,),
                 )
                 conn.execute("VACUUM ANALYZE jobqd.jobs")
+                log_file = (home / "daemon.log").open("wb")
                 daemon = subprocess.Popen(
                     [str(python), "-m", "jobqd", "-c", str(config)],
                     env=env,
                     cwd=home,
-                    stdout=subprocess.DEVNULL,
-                    stderr=(home / "daemon.log").open("wb"),
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
                 )
                 try:
                     deadline = time.monotonic() + 600
