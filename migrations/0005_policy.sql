@@ -6,7 +6,7 @@
 -- * job_policy(task, queue, max_attempts): what applies to a job: its delivery (the task's or
 --   route's, else its queue's, else at least once) and its attempt limit (the job's own, else
 --   the task's or route's, else the queue's; NULL when none of them is published, so the
---   caller applies its configured default). The reaper, the take-back of a dead worker's jobs,
+--   caller applies its configured default). The reaper, the release of a dead worker's jobs,
 --   a worker's release at shutdown and jobqctl's effective limit all read it, so they agree.
 --   Like the worker's registry it picks one task row and falls back to the queue for what
 --   that row leaves unset, never to a shorter route.

@@ -4,7 +4,7 @@ A running job whose lease expired goes back to `queued` (with a short backoff, i
 spent) or to `dead` when out of attempts or delivered at most once; its error names the worker
 that lost it. Delivery and attempt limit come from the database's job_policy() (job, else task
 or longest `prefix.*` route, else queue), the resolver a worker's own release uses too. A job
-that workers gave back because none knew its task ends dead once it has been unhandled for
+that workers released because none knew its task ends dead once it has been unhandled for
 `unknown_task_window`. A process that stopped heartbeating for longer than `reaper.process_grace` is
 removed, and its leases end at once rather than being left to expire; the master does the
 same through `release` for a worker it saw die. Every statement works on a bounded batch and
@@ -136,7 +136,7 @@ def run_once(
 
 
 def end_unhandled(conn: psycopg.Connection, sql: Queries, window: float, batch: int) -> list[int]:
-    """End dead the queued jobs that workers have given back for `window` seconds because none
+    """End dead the queued jobs that workers have released for `window` seconds because none
     knew their task; one ERROR line per job (rare: only a name no deploy brought)."""
     ended: list[int] = []
     for _ in range(MAX_BATCHES):

@@ -81,7 +81,7 @@ def status(
 
 
 def unhandled(conn: psycopg.Connection, schema: str, window: float) -> list[dict[str, Any]]:
-    """Queued jobs that workers gave back because none knew their task, by queue and task:
+    """Queued jobs that workers released because none knew their task, by queue and task:
     `jobs`, `unhandled_for` (seconds, the oldest) and `dead_in` (seconds until the oldest ends
     dead, counting `window`, the unknown_task_window)."""
     return _rows(conn, queries(schema).leases_unhandled, {"window": window})

@@ -2,7 +2,7 @@
 hot path, as River's jobcompleter is to its producer.
 
 Plain successes (no result value), the bulk of any busy queue, go through a lean statement
-that takes two integer arrays; jobs whose task this worker does not know are given back by
+that takes two integer arrays; jobs whose task this worker does not know are released by
 their own statement; everything else goes through the general `finish` statement. All are
 fenced on (id, lease_token, state = 'running') and are sent in pipeline mode, so they can
 share one round trip with each other and with the worker's next claim. Arrays are sent as
@@ -72,7 +72,7 @@ def send_completions(
     if unhandled:
         cursor = conn.cursor()
         cursor.execute(
-            sql.leases_give_back,
+            sql.leases_release_unknown,
             {
                 "ids": int_array([o.job.id for o in unhandled]),
                 "tokens": int_array([o.job.lease_token for o in unhandled]),

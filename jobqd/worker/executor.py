@@ -58,9 +58,9 @@ class Policy:
     max_attempts: int = 20
     backoff: Backoff = Backoff()
     timeout: float | None = None
-    # A worker gives an unknown task's job back for another node; in-process test helpers,
+    # A worker releases an unknown task's job for another node; in-process test helpers,
     # where no other node can take it, end it dead at once.
-    give_back_unknown: bool = False
+    release_unknown: bool = False
 
 
 def effective_max_attempts(job_max: int | None, spec: TaskSpec | None, policy: Policy) -> int:
@@ -196,7 +196,7 @@ class Executor:
         """A job whose task is not registered here. The name is only looked up in the
         registry, never imported."""
         known = ", ".join(self.registry.names()) or "none"
-        if not self.policy.give_back_unknown:
+        if not self.policy.release_unknown:
             message = (
                 f"unknown task {job.task!r}: no @task with that name is registered "
                 f"(known: {known}); check the imports"
@@ -240,7 +240,7 @@ class _UnknownTasks:
         if last is None:
             log.warning(
                 "unknown task %r: not registered in this worker (known: %s); its jobs are "
-                "given back for a worker that knows it, without spending an attempt, and end "
+                "released for a worker that knows it, without spending an attempt, and end "
                 "dead after unknown_task_window; if no node should run it, check the imports",
                 job.task,
                 known,
@@ -248,7 +248,7 @@ class _UnknownTasks:
             )
         else:
             log.warning(
-                "unknown task %r: %d more job(s) given back in the last %.0fs",
+                "unknown task %r: %d more job(s) released in the last %.0fs",
                 job.task,
                 count + 1,
                 now - last,

@@ -176,7 +176,7 @@ class Worker(ChildProcess):
         self.registry = registry
         self.executor = Executor(
             registry,
-            Policy(config.max_attempts, config.backoff, config.timeout, give_back_unknown=True),
+            Policy(config.max_attempts, config.backoff, config.timeout, release_unknown=True),
         )
         self.metric_store = MetricStore()
         self.metrics = define_jobqd_metrics(self.metric_store)

@@ -1,7 +1,7 @@
 """Issue 11 items 1 and 5 against a real Postgres: one policy resolver (job, else task or
-longest `prefix.*` route, else queue) for the reaper, the take-back of a dead worker's jobs, a
-worker's release at shutdown and jobqctl; and jobs whose task no worker knows, which are given
-back without spending an attempt, shown as unhandled, and end dead only after
+longest `prefix.*` route, else queue) for the reaper, the release of a dead worker's jobs, a
+worker's release at shutdown and jobqctl; and jobs whose task no worker knows, which are
+released without spending an attempt, shown as unhandled, and end dead only after
 `unknown_task_window`."""
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_a_killed_worker_and_a_stopped_worker_agree_on_an_at_most_once_route(db,
 # -- item 5: unknown tasks neither burn attempts nor vanish ---------------------------------------
 
 
-def test_an_unknown_task_is_given_back_unspent_shown_and_taken_by_a_node_that_knows_it(
+def test_an_unknown_task_is_released_unspent_shown_and_taken_by_a_node_that_knows_it(
     db, procs, conn, tmp_path, monkeypatch
 ):
     trap = tmp_path / "imported"
@@ -143,16 +143,16 @@ def test_an_unknown_task_is_given_back_unspent_shown_and_taken_by_a_node_that_kn
         module_path = client.enqueue("policy_import_trap.run")  # looks like module.function
     old = start_worker(procs, db, poll_interval=0.1)  # an old node: it knows neither task
 
-    def given_back(job_id, times):
+    def released(job_id, times):
         info = row(conn, job_id)
-        seen = given_back.starts.setdefault(job_id, set())
+        seen = released.starts.setdefault(job_id, set())
         if info["state"] == "queued" and info["started_at"] is not None:
             seen.add(info["started_at"])
         return len(seen) >= times and info
 
-    given_back.starts = {}
+    released.starts = {}
     for job_id in (new, module_path):
-        info = wait_for(lambda j=job_id: given_back(j, 3), timeout=30, what="three give-backs")
+        info = wait_for(lambda j=job_id: released(j, 3), timeout=30, what="three releases")
         # On the old main: attempt 1, 2, 3 ... and dead after max_attempts.
         assert (info["state"], info["attempt"]) == ("queued", 0)
         assert "unknown task" in info["last_error"] and info["unhandled_since"] is not None
@@ -201,7 +201,7 @@ def test_an_unknown_task_ends_dead_after_the_window(db, procs, conn):
     assert record["kind"] == "UnknownTask"
     since = datetime.fromisoformat(record["unhandled_since"])
     waited = (info.finished_at - since).total_seconds()
-    print(f"\nunknown task dead {waited:.2f}s after it was first given back (window {window}s)")
+    print(f"\nunknown task dead {waited:.2f}s after it was first released (window {window}s)")
     # The window, then at most one reaper interval (300ms) and a loaded machine's slack.
     assert window <= waited <= window + 3.0
     assert as_json("status", dsn=db)["unhandled"] == []

@@ -104,12 +104,12 @@ def test_outcome_kinds(db, workers):
             "come back later",
         )
 
-        # Given back for a worker that knows the task, without spending an attempt.
-        def given_back():
+        # Released for a worker that knows the task, without spending an attempt.
+        def released():
             info = client.get(unknown)
             return info.state == "queued" and info.last_error and info
 
-        info = wait_for(given_back, what="the unknown task's job given back")
+        info = wait_for(released, what="the unknown task's job released")
         assert info.attempt == 0
         assert "unknown task 'no.such.task'" in info.last_error
         assert client.get(coroutine).result == {"n": 5}

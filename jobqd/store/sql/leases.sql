@@ -151,7 +151,7 @@ UPDATE {schema}.jobs j
 RETURNING j.id, j.queue, j.task, j.state, j.attempt
 
 
--- name: leases_give_back
+-- name: leases_release_unknown
 -- Jobs whose task this worker does not know go back to queued without spending an attempt,
 -- for a node that knows the task (a rolling deploy reaches some nodes first). They come due
 -- again after as long as they have been unhandled, 1 s at least and 60 s at most, so no node
@@ -205,7 +205,7 @@ UPDATE {schema}.jobs j
 RETURNING j.id, j.queue, j.task, j.attempt, extract(epoch FROM now() - d.since)::float8
 
 -- name: leases_unhandled
--- jobqctl status: queued jobs that a worker gave back because it knew no such task, by queue
+-- jobqctl status: queued jobs that a worker released because it knew no such task, by queue
 -- and task, with how long the oldest has waited so and when the first ends dead.
 SELECT queue, task, count(*) AS jobs,
        extract(epoch FROM now() - min(unhandled_since))::float8 AS unhandled_for,
