@@ -31,8 +31,8 @@ MAX_TRACEBACK_CHARS = 8000
 
 SUCCEEDED, QUEUED, DEAD = "succeeded", "queued", "dead"
 UNHANDLED = "unhandled"
-"""Not a job state: the outcome of a job whose task this worker does not know. It is given
-back (queued, its attempt not spent) for a node that knows the task."""
+"""Not a job state: the outcome of a job whose task this worker does not know. It is released
+(queued, its attempt not spent) for a node that knows the task."""
 
 UNKNOWN_LOG_EVERY = 60.0  # seconds between the log lines about one unknown task name
 
@@ -195,7 +195,7 @@ class Executor:
     def _unknown_task(self, job: Job) -> Outcome:
         """A job whose task is not registered here. The name is only looked up in the
         registry, never imported."""
-        known = ", ".join(self.registry.names()) or "none"
+        known = _known(self.registry)
         if not self.policy.release_unknown:
             message = (
                 f"unknown task {job.task!r}: no @task with that name is registered "
@@ -204,8 +204,8 @@ class Executor:
             log.error(message, extra=job.log_fields())
             return Outcome(job, DEAD, error=_error_record(job, "UnknownTask", message, None))
         message = (
-            f"unknown task {job.task!r}: not registered in this worker (known: {known}); given "
-            "back for a worker that knows it, without spending an attempt"
+            f"unknown task {job.task!r}: not registered in this worker (known: {known}); "
+            "released for a worker that knows it, without spending an attempt"
         )
         self._unknown.note(job, known)
         return Outcome(job, UNHANDLED, error=message)
@@ -221,22 +221,29 @@ class Executor:
 
 
 class _UnknownTasks:
-    """Log lines about unknown task names: one when a name is first seen, then at most one
-    per name every UNKNOWN_LOG_EVERY seconds with the count since, not one per job (a rolling
-    deploy can hand an old node thousands)."""
+    """Log lines about jobs of unknown tasks: one for the first, then at most one every
+    UNKNOWN_LOG_EVERY seconds with the count since and a few of the names, not one per job or
+    per name (a rolling deploy can hand an old node thousands, of a new route's many names)."""
+
+    SAMPLE = 3  # names quoted in a summary line
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seen: dict[str, tuple[float, int]] = {}  # name: (last line at, jobs since)
+        self._last: float | None = None  # when the last line was written
+        self._count = 0  # jobs released since
+        self._names: set[str] = set()  # up to SAMPLE of their task names
 
     def note(self, job: Job, known: str) -> None:
         now = time.monotonic()
         with self._lock:
-            last, count = self._seen.get(job.task, (None, 0))
+            last = self._last
             if last is not None and now - last < UNKNOWN_LOG_EVERY:
-                self._seen[job.task] = (last, count + 1)
+                self._count += 1
+                if len(self._names) < self.SAMPLE:
+                    self._names.add(job.task)
                 return
-            self._seen[job.task] = (now, 0)
+            count, names = self._count + 1, sorted({*self._names, job.task})
+            self._last, self._count, self._names = now, 0, set()
         if last is None:
             log.warning(
                 "unknown task %r: not registered in this worker (known: %s); its jobs are "
@@ -248,12 +255,21 @@ class _UnknownTasks:
             )
         else:
             log.warning(
-                "unknown task %r: %d more job(s) released in the last %.0fs",
-                job.task,
-                count + 1,
+                "%d job(s) of unknown tasks released in the last %.0fs (tasks %s)",
+                count,
                 now - last,
-                extra={"queue": job.queue, "task": job.task},
+                ", ".join(repr(name) for name in names),
+                extra={"queue": job.queue},
             )
+
+
+def _known(registry: Registry, most: int = 10) -> str:
+    """The registered names for a message, the first `most` of them."""
+    names = registry.names()
+    if not names:
+        return "none"
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def _bind(wrap: Any, job: Job, call_next: Any) -> Any:
