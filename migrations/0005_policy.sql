@@ -12,7 +12,8 @@
 --   that row leaves unset, never to a shorter route.
 -- * jobs.unhandled_since: when a worker first gave the job back because it knows no task of
 --   that name (NULL otherwise). Such a job is queued again without spending an attempt; the
---   leader ends it dead once it has been unhandled for `unknown_task_window`.
+--   leader ends it dead once it has been unhandled for `unknown_task_window`. Any outcome a
+--   worker writes clears it, and so does retry(), which starts a job over.
 
 ALTER TABLE jobs ADD COLUMN unhandled_since timestamptz;
 CREATE INDEX jobs_unhandled ON jobs (unhandled_since) WHERE unhandled_since IS NOT NULL;
@@ -40,4 +41,46 @@ AS $$
       FROM (VALUES (1)) AS one(x)
       LEFT JOIN task_route(job_policy.task) r ON true
       LEFT JOIN queues q ON q.name = job_policy.queue
+$$;
+
+CREATE OR REPLACE FUNCTION retry(job_id bigint) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT
+AS $$
+DECLARE
+    q text;
+BEGIN
+    UPDATE jobs SET state = 'queued', run_at = now(), attempt = 0, finished_at = NULL,
+                    lease_expires_at = NULL, lease_token = NULL, locked_by = NULL,
+                    unhandled_since = NULL
+     WHERE id = job_id AND state IN ('dead', 'cancelled', 'queued')
+    RETURNING queue INTO q;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_notify(queue_channel(q), '');
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION retry_queue(queue_name text, from_state text DEFAULT 'dead')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF from_state NOT IN ('dead', 'cancelled') THEN
+        RAISE EXCEPTION 'retry_queue: state must be dead or cancelled, got %', from_state
+            USING ERRCODE = '22023';
+    END IF;
+    UPDATE jobs SET state = 'queued', run_at = now(), attempt = 0, finished_at = NULL,
+                    lease_expires_at = NULL, lease_token = NULL, locked_by = NULL,
+                    unhandled_since = NULL
+     WHERE queue = queue_name AND state = from_state;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM pg_notify(queue_channel(queue_name), '');
+    END IF;
+    RETURN n;
+END
 $$;

@@ -179,7 +179,6 @@ def test_an_unknown_task_is_released_unspent_shown_and_taken_by_a_node_that_know
     late = ended["finished_at"] - due
     print(f"\nunknown task ran {late.total_seconds():.2f}s after it came due again")
     assert late <= timedelta(seconds=5)  # taken when due (a worker start on a loaded machine)
-    assert ended["unhandled_since"] is None
     assert not trap.exists()
     groups = {g["task"] for g in as_json("status", dsn=db)["unhandled"]}
     assert groups == {"policy_import_trap.run"}
@@ -205,6 +204,18 @@ def test_an_unknown_task_ends_dead_after_the_window(db, procs, conn):
     # The window, then at most one reaper interval (300ms) and a loaded machine's slack.
     assert window <= waited <= window + 3.0
     assert as_json("status", dsn=db)["unhandled"] == []
+
+
+def test_a_retried_job_starts_its_unhandled_window_over(conn):
+    """Cancelled while unhandled, then retried: the leader does not end it dead at once."""
+    job_id = conn.execute(
+        "INSERT INTO jobqd.jobs (queue, task, unhandled_since)"
+        " VALUES ('default', 'policy.gone', now() - interval '2 hours') RETURNING id"
+    ).fetchone()[0]
+    conn.execute("SELECT jobqd.cancel(%s)", (job_id,))
+    conn.execute("SELECT jobqd.retry(%s)", (job_id,))
+    assert run_once(conn, SETTINGS).unhandled == []
+    assert (row(conn, job_id)["state"], row(conn, job_id)["unhandled_since"]) == ("queued", None)
 
 
 def test_unknown_task_window_is_validated():

@@ -40,7 +40,7 @@ RETURNING j.id, (SELECT count(*) FROM alive)
 -- The common case of `finish`, kept lean: successes without a result value.
 UPDATE {schema}.jobs j
    SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL, lease_token = NULL,
-       locked_by = NULL, unhandled_since = NULL
+       locked_by = NULL
   FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS o(id, token)
  WHERE j.id = o.id AND j.lease_token = o.token AND j.state = 'running'
 RETURNING j.id
@@ -149,7 +149,6 @@ UPDATE {schema}.jobs j
   FROM decided d
  WHERE j.id = d.id
 RETURNING j.id, j.queue, j.task, j.state, j.attempt
-
 
 -- name: leases_release_unknown
 -- Jobs whose task this worker does not know go back to queued without spending an attempt,
