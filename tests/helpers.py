@@ -123,19 +123,25 @@ async def async_task(job: Job) -> dict[str, int]:
     return {"n": job.args["n"]}
 
 
-def run_worker(config: Any, env: dict[str, str] | None = None) -> None:
+def run_worker(
+    config: Any, env: dict[str, str] | None = None, imports: tuple[str, ...] = ("helpers",)
+) -> None:
     """Target of a spawned worker process: the same serve() the daemon's children run."""
     os.environ.update(env or {})
     from jobqd.observe.logs import setup_logging
     from jobqd.worker.process import serve
 
     setup_logging("json", "info", role="worker")
-    raise SystemExit(serve(config, imports=("helpers",)))
+    raise SystemExit(serve(config, imports=imports))
 
 
-def spawn_worker(config: Any, dsn: str) -> multiprocessing.Process:
+def spawn_worker(
+    config: Any, dsn: str, imports: tuple[str, ...] = ("helpers",)
+) -> multiprocessing.Process:
     ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=run_worker, args=(config, {LEDGER_DSN_ENV: dsn}), daemon=True)
+    proc = ctx.Process(
+        target=run_worker, args=(config, {LEDGER_DSN_ENV: dsn}, imports), daemon=True
+    )
     proc.start()
     return proc
 
@@ -152,10 +158,12 @@ def worker_config(dsn: str, **settings: Any) -> Any:
     return dataclasses.replace(config, **settings)
 
 
-def start_worker(procs: list[Any], dsn: str, **settings: Any) -> multiprocessing.Process:
-    """Spawn a worker (queue `default` unless `settings` say otherwise) and add it to `procs`,
-    which the calling test's fixture tears down."""
-    proc = spawn_worker(worker_config(dsn, **settings), dsn)
+def start_worker(
+    procs: list[Any], dsn: str, *, imports: tuple[str, ...] = ("helpers",), **settings: Any
+) -> multiprocessing.Process:
+    """Spawn a worker (queue `default` unless `settings` say otherwise) that imports
+    `imports`, and add it to `procs`, which the calling test's fixture tears down."""
+    proc = spawn_worker(worker_config(dsn, **settings), dsn, imports)
     procs.append(proc)
     return proc
 

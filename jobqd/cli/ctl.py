@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -293,8 +293,15 @@ def _json_args(text: str) -> Any:
 
 
 def _status_document(ctx: Context) -> dict[str, Any]:
-    stale_after = ctx.settings.reaper.process_grace if ctx.settings else admin.DEFAULT_STALE_AFTER
-    return admin.status(ctx.conn, ctx.schema, stale_after=stale_after)
+    settings = ctx.settings
+    return admin.status(
+        ctx.conn,
+        ctx.schema,
+        stale_after=settings.reaper.process_grace if settings else admin.DEFAULT_STALE_AFTER,
+        unknown_task_window=(
+            settings.unknown_task_window if settings else admin.DEFAULT_UNKNOWN_TASK_WINDOW
+        ),
+    )
 
 
 def _status_text(document: dict[str, Any]) -> str:
@@ -338,6 +345,7 @@ def _status_text(document: dict[str, Any]) -> str:
         parts.append(output.table(headers, rows, right=(3,)))
     else:
         parts.append("no live processes: is jobqd running?")
+    parts += _unhandled_lines(document.get("unhandled") or ())
     for loop in document.get("crash_loops") or ():
         parts.append(
             f"crash loop: {loop['host']} {loop['child']}: {loop['crash_loop']} "
@@ -353,6 +361,16 @@ def _status_text(document: dict[str, Any]) -> str:
             f"leader: database backend {leader.get('backend_pid')} (process not registered)"
         )
     return "\n".join(parts)
+
+
+def _unhandled_lines(groups: Iterable[dict[str, Any]]) -> list[str]:
+    """One line per queue and task whose jobs no worker knows how to run."""
+    return [
+        f"unhandled: {g['jobs']} job(s) of task {g['task']!r} in queue {g['queue']}: no worker "
+        f"knows the task (for {output.age(g['unhandled_for'])}; dead in "
+        f"{output.age(g['dead_in'])}): deploy a worker whose imports register it, or cancel them"
+        for g in groups
+    ]
 
 
 def _status_with_database(ctx: Context) -> dict[str, Any]:

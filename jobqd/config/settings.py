@@ -457,6 +457,8 @@ class Settings:
     imports: tuple[str, ...] = _key((), _modules)  # modules whose @task functions register
     shutdown_timeout: float = _key(30.0, _duration())  # drain: how long running jobs may finish
     child_timeout: float = _key(120.0, _duration(5.0))  # a child silent this long is killed
+    # a job whose task no worker knows is released until then, then the leader ends it dead
+    unknown_task_window: float = _key(3600.0, _duration(1.0))
     log: LogSettings = _section(LogSettings)
     queues: FrozenDict = _entries(
         QueueSettings, lambda: FrozenDict({DEFAULT_QUEUE: QueueSettings()})

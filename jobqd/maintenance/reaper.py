@@ -2,7 +2,10 @@
 
 A running job whose lease expired goes back to `queued` (with a short backoff, its attempt
 spent) or to `dead` when out of attempts or delivered at most once; its error names the worker
-that lost it. A process that stopped heartbeating for longer than `reaper.process_grace` is
+that lost it. Delivery and attempt limit come from the database's job_policy() (job, else task
+or longest `prefix.*` route, else queue), the resolver a worker's own release uses too. A job
+that workers released because none knew its task ends dead once it has been unhandled for
+`unknown_task_window`. A process that stopped heartbeating for longer than `reaper.process_grace` is
 removed, and its leases end at once rather than being left to expire; the master does the
 same through `release` for a worker it saw die. Every statement works on a bounded batch and
 is safe to run twice, or by two leaders at once (`SKIP LOCKED`, and each job's state is
@@ -84,9 +87,10 @@ class ReapPass:
     queued: list[int] = field(default_factory=list)
     dead: list[int] = field(default_factory=list)
     processes: list[int] = field(default_factory=list)
+    unhandled: list[int] = field(default_factory=list)  # ended dead: no worker knew the task
 
     def __bool__(self) -> bool:
-        return bool(self.queued or self.dead or self.processes)
+        return bool(self.queued or self.dead or self.processes or self.unhandled)
 
     def add(self, jobs: list[Released], metrics: JobqdMetrics | None) -> None:
         for job in jobs:
@@ -112,6 +116,7 @@ def run_once(
         result.add([Released(*row) for row in rows], metrics)
         if len(rows) < batch:
             break
+    result.unhandled = end_unhandled(conn, sql, settings.unknown_task_window, batch)
     if silent:
         ids = [row[0] for row in silent]
         removed = conn.execute(sql.processes_remove, {"process_ids": ids, "grace": grace})
@@ -130,6 +135,26 @@ def run_once(
     return result
 
 
+def end_unhandled(conn: psycopg.Connection, sql: Queries, window: float, batch: int) -> list[int]:
+    """End dead the queued jobs that workers have released for `window` seconds because none
+    knew their task; one ERROR line per job (rare: only a name no deploy brought)."""
+    ended: list[int] = []
+    for _ in range(MAX_BATCHES):
+        rows = conn.execute(sql.leases_end_unhandled, {"window": window, "batch": batch}).fetchall()
+        for job_id, queue, task, attempt, unhandled_for in rows:
+            ended.append(job_id)
+            log.error(
+                "job dead: no worker knew its task for %.0fs (unknown_task_window); deploy a "
+                "worker whose imports register it, then jobqctl retry %s",
+                unhandled_for,
+                job_id,
+                extra={"job_id": job_id, "queue": queue, "task": task, "attempt": attempt},
+            )
+        if len(rows) < batch:
+            break
+    return ended
+
+
 class Reaper(Duty):
     """The reaper duty, every `reaper.interval`."""
 
@@ -141,5 +166,6 @@ class Reaper(Duty):
             "queued": len(reaped.queued),
             "dead": len(reaped.dead),
             "processes": len(reaped.processes),
+            "unhandled_dead": len(reaped.unhandled),
         }
         return Result(counts, self.settings.reaper.interval)

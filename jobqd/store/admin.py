@@ -25,6 +25,8 @@ RETRYABLE_STATES = ("dead", "cancelled")
 CANCELLABLE_STATES = ("queued", "running")
 DEFAULT_STALE_AFTER = 30.0
 """Seconds without a heartbeat after which a process is shown as stale (reaper.process_grace)."""
+DEFAULT_UNKNOWN_TASK_WINDOW = 3600.0
+"""unknown_task_window when no config is at hand."""
 
 
 def _rows(conn: psycopg.Connection, statement: str, params: Any = None) -> list[dict[str, Any]]:
@@ -56,7 +58,11 @@ def leader(conn: psycopg.Connection, schema: str) -> dict[str, Any] | None:
 
 
 def status(
-    conn: psycopg.Connection, schema: str, *, stale_after: float = DEFAULT_STALE_AFTER
+    conn: psycopg.Connection,
+    schema: str,
+    *,
+    stale_after: float = DEFAULT_STALE_AFTER,
+    unknown_task_window: float = DEFAULT_UNKNOWN_TASK_WINDOW,
 ) -> dict[str, Any]:
     """Everything `jobqctl status` shows, as one JSON-ready document (datetimes aside)."""
     now = conn.execute(queries(schema).database_now).fetchone()[0]
@@ -70,7 +76,15 @@ def status(
         "processes": listed,
         "leader": holder,
         "crash_loops": crash_loops(listed),
+        "unhandled": unhandled(conn, schema, unknown_task_window),
     }
+
+
+def unhandled(conn: psycopg.Connection, schema: str, window: float) -> list[dict[str, Any]]:
+    """Queued jobs that workers released because none knew their task, by queue and task:
+    `jobs`, `unhandled_for` (seconds, the oldest) and `dead_in` (seconds until the oldest ends
+    dead, counting `window`, the unknown_task_window)."""
+    return _rows(conn, queries(schema).leases_unhandled, {"window": window})
 
 
 def crash_loops(found: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -2,8 +2,9 @@
 hot path, as River's jobcompleter is to its producer.
 
 Plain successes (no result value), the bulk of any busy queue, go through a lean statement
-that takes two integer arrays; everything else through the general `finish` statement. Both
-are fenced on (id, lease_token, state = 'running') and are sent in pipeline mode, so they can
+that takes two integer arrays; jobs whose task this worker does not know are released by
+their own statement; everything else goes through the general `finish` statement. All are
+fenced on (id, lease_token, state = 'running') and are sent in pipeline mode, so they can
 share one round trip with each other and with the worker's next claim. Arrays are sent as
 literals built here, several times cheaper than adapting Python lists element by element.
 """
@@ -18,7 +19,7 @@ import psycopg
 from jobqd.observe.metrics import JobqdMetrics
 from jobqd.store.sql import Queries, float_array, int_array, text_array
 from jobqd.tasks import Registry, registry
-from jobqd.worker.executor import QUEUED, SUCCEEDED, Outcome
+from jobqd.worker.executor import QUEUED, SUCCEEDED, UNHANDLED, Outcome
 
 log = logging.getLogger("jobqd.worker")
 
@@ -32,8 +33,16 @@ def send_completions(
 ) -> list[psycopg.Cursor]:
     """Send the statements that write `batch`; read their results with `written()`. Inside
     `conn.pipeline()` this costs no round trip of its own."""
-    plain = [o for o in batch if o.state == SUCCEEDED and o.result is None]
-    other = [o for o in batch if not (o.state == SUCCEEDED and o.result is None)]
+    plain: list[Outcome] = []
+    other: list[Outcome] = []
+    unhandled: list[Outcome] = []  # rare: a task this worker does not know
+    for o in batch:
+        if o.state == SUCCEEDED and o.result is None:
+            plain.append(o)
+        elif o.state == UNHANDLED:
+            unhandled.append(o)
+        else:
+            other.append(o)
     cursors = []
     if plain:
         cursor = conn.cursor()
@@ -57,6 +66,17 @@ def send_completions(
                 "results": text_array([o.result for o in other]),
                 "errors": text_array([o.error for o in other]),
                 "snoozes": _bools([o.snooze for o in other]),
+            },
+        )
+        cursors.append(cursor)
+    if unhandled:
+        cursor = conn.cursor()
+        cursor.execute(
+            sql.leases_release_unknown,
+            {
+                "ids": int_array([o.job.id for o in unhandled]),
+                "tokens": int_array([o.job.lease_token for o in unhandled]),
+                "messages": text_array([o.error for o in unhandled]),
             },
         )
         cursors.append(cursor)
@@ -112,7 +132,7 @@ class Completer:
             tally = tallies.setdefault(task, Counter())
             if o.state == SUCCEEDED:
                 tally["succeeded"] += 1
-            elif not o.snooze:
+            elif not o.snooze and o.state != UNHANDLED:
                 tally["failed"] += 1
                 tally["retried" if o.state == QUEUED else "dead"] += 1
         counters = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -29,11 +30,17 @@ MAX_RESULT_BYTES = 64 * 1024
 MAX_TRACEBACK_CHARS = 8000
 
 SUCCEEDED, QUEUED, DEAD = "succeeded", "queued", "dead"
+UNHANDLED = "unhandled"
+"""Not a job state: the outcome of a job whose task this worker does not know. It is released
+(queued, its attempt not spent) for a node that knows the task."""
+
+UNKNOWN_LOG_EVERY = 60.0  # seconds between the log lines about one unknown task name
 
 
 @dataclass(slots=True)
 class Outcome:
-    """What to write about one attempt. `delay` is seconds from now for a re-queued job."""
+    """What to write about one attempt. `delay` is seconds from now for a re-queued job;
+    `error` is the JSON error record, or for UNHANDLED the plain message kept as last_error."""
 
     job: Job
     state: str
@@ -51,6 +58,9 @@ class Policy:
     max_attempts: int = 20
     backoff: Backoff = Backoff()
     timeout: float | None = None
+    # A worker releases an unknown task's job for another node; in-process test helpers,
+    # where no other node can take it, end it dead at once.
+    release_unknown: bool = False
 
 
 def effective_max_attempts(job_max: int | None, spec: TaskSpec | None, policy: Policy) -> int:
@@ -126,6 +136,7 @@ class Executor:
         self.registry = registry
         self.policy = policy
         self._loop = EventLoopThread()
+        self._unknown = _UnknownTasks()
 
     def call(self, spec: TaskSpec, job: Job) -> Any:
         def call_task() -> Any:
@@ -147,16 +158,7 @@ class Executor:
 
     def _run(self, spec: TaskSpec | None, job: Job) -> Outcome:
         if spec is None:
-            message = (
-                f"unknown task {job.task!r}: no @task with that name is registered in this "
-                f"worker (known: {', '.join(self.registry.names()) or 'none'}); check the "
-                "config's imports:"
-            )
-            log.error(message, extra=job.log_fields())
-            state, delay, record = _retry_or_dead(
-                job, "UnknownTask", message, None, _backoff(None, self.policy, job.attempt)
-            )
-            return Outcome(job, state, delay=delay, error=record)
+            return self._unknown_task(job)
         try:
             result = self.call(spec, job)
         except Snooze as exc:
@@ -190,6 +192,24 @@ class Executor:
             return Outcome(job, state, delay=delay, error=record)
         return Outcome(job, SUCCEEDED, result=_encode_result(result))
 
+    def _unknown_task(self, job: Job) -> Outcome:
+        """A job whose task is not registered here. The name is only looked up in the
+        registry, never imported."""
+        known = _known(self.registry)
+        if not self.policy.release_unknown:
+            message = (
+                f"unknown task {job.task!r}: no @task with that name is registered "
+                f"(known: {known}); check the imports"
+            )
+            log.error(message, extra=job.log_fields())
+            return Outcome(job, DEAD, error=_error_record(job, "UnknownTask", message, None))
+        message = (
+            f"unknown task {job.task!r}: not registered in this worker (known: {known}); "
+            "released for a worker that knows it, without spending an attempt"
+        )
+        self._unknown.note(job, known)
+        return Outcome(job, UNHANDLED, error=message)
+
     def timed_out(self, job: Job, limit: float) -> Outcome:
         """The outcome of a job that ran past its hard timeout and could not be stopped."""
         message = f"timeout: still running after {limit:.1f}s (soft timeout plus grace)"
@@ -198,6 +218,58 @@ class Executor:
             job, "Timeout", message, None, _backoff(spec, self.policy, job.attempt)
         )
         return Outcome(job, state, delay=delay, error=record, duration=_elapsed(job))
+
+
+class _UnknownTasks:
+    """Log lines about jobs of unknown tasks: one for the first, then at most one every
+    UNKNOWN_LOG_EVERY seconds with the count since and a few of the names, not one per job or
+    per name (a rolling deploy can hand an old node thousands, of a new route's many names)."""
+
+    SAMPLE = 3  # names quoted in a summary line
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: float | None = None  # when the last line was written
+        self._count = 0  # jobs released since
+        self._names: set[str] = set()  # up to SAMPLE of their task names
+
+    def note(self, job: Job, known: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last
+            if last is not None and now - last < UNKNOWN_LOG_EVERY:
+                self._count += 1
+                if len(self._names) < self.SAMPLE:
+                    self._names.add(job.task)
+                return
+            count, names = self._count + 1, sorted({*self._names, job.task})
+            self._last, self._count, self._names = now, 0, set()
+        if last is None:
+            log.warning(
+                "unknown task %r: not registered in this worker (known: %s); its jobs are "
+                "released for a worker that knows it, without spending an attempt, and end "
+                "dead after unknown_task_window; if no node should run it, check the imports",
+                job.task,
+                known,
+                extra=job.log_fields(),
+            )
+        else:
+            log.warning(
+                "%d job(s) of unknown tasks released in the last %.0fs (tasks %s)",
+                count,
+                now - last,
+                ", ".join(repr(name) for name in names),
+                extra={"queue": job.queue},
+            )
+
+
+def _known(registry: Registry, most: int = 10) -> str:
+    """The registered names for a message, the first `most` of them."""
+    names = registry.names()
+    if not names:
+        return "none"
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def _bind(wrap: Any, job: Job, call_next: Any) -> Any:

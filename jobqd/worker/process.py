@@ -175,7 +175,8 @@ class Worker(ChildProcess):
         )
         self.registry = registry
         self.executor = Executor(
-            registry, Policy(config.max_attempts, config.backoff, config.timeout)
+            registry,
+            Policy(config.max_attempts, config.backoff, config.timeout, release_unknown=True),
         )
         self.metric_store = MetricStore()
         self.metrics = define_jobqd_metrics(self.metric_store)
@@ -754,7 +755,8 @@ class Worker(ChildProcess):
                     conn.close()
 
     def _release(self, jobs: list[Job]) -> None:
-        at_most_once = [self._at_most_once(j) for j in jobs]
+        """Give the jobs back; which are at most once the database decides (job_policy), as
+        the reaper does for jobs whose lease expired."""
         db = self._db()
         with self._watchdog.busy(db):
             rows = db.execute(
@@ -762,7 +764,6 @@ class Worker(ChildProcess):
                 {
                     "ids": int_array([j.id for j in jobs]),
                     "tokens": int_array([j.lease_token for j in jobs]),
-                    "at_most_once": at_most_once,
                 },
             ).fetchall()
         log.warning(
@@ -771,11 +772,6 @@ class Worker(ChildProcess):
             ", ".join(str(r[0]) for r in rows),
             extra=self.fields(),
         )
-
-    def _at_most_once(self, job: Job) -> bool:
-        spec = self.registry.get(job.task)
-        delivery = spec.delivery if spec is not None and spec.delivery else self.config.delivery
-        return delivery == "at_most_once"
 
 
 def serve(

@@ -81,7 +81,7 @@ def test_the_reaper_duty_counts_what_it_took_back_and_is_due_every_interval(conn
 
     result = duty.run_due(conn, 100.0)
 
-    assert dict(result.counts) == {"queued": 1, "dead": 0, "processes": 1}
+    assert dict(result.counts) == {"queued": 1, "dead": 0, "processes": 1, "unhandled_dead": 0}
     assert result.again_in == 0.3 and duty.next_due == 100.3
     assert not duty.due(100.2)
     assert state(conn, job) == "queued"

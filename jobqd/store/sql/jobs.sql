@@ -17,18 +17,12 @@ SELECT id FROM {schema}.enqueue_many(
 ORDER BY ord
 
 -- name: jobs_get
--- effective_max_attempts: the job's limit, else its task's (exact name, else the longest
--- `prefix.*` route), else its queue's; NULL leaves the configured default.
+-- effective_max_attempts: job_policy's (the job's limit, else its task's: exact name, else the
+-- longest `prefix.*` route, else its queue's); NULL leaves the configured default.
 SELECT id, queue, task, args, state, attempt, max_attempts, priority, run_at, created_at,
        started_at, finished_at, lease_expires_at, locked_by, last_error, errors, result,
        dedup_key, idempotency_key, bundle_id,
-       coalesce(j.max_attempts,
-                (SELECT t.max_attempts FROM {schema}.tasks t
-                  WHERE t.max_attempts IS NOT NULL
-                    AND (t.name = j.task OR (right(t.name, 2) = '.*'
-                                             AND starts_with(j.task, left(t.name, -1))))
-                  ORDER BY t.name = j.task DESC, length(t.name) DESC LIMIT 1),
-                (SELECT q.max_attempts FROM {schema}.queues q WHERE q.name = j.queue))
+       (SELECT p.max_attempts FROM {schema}.job_policy(j.task, j.queue, j.max_attempts) p)
            AS effective_max_attempts
   FROM {schema}.jobs j WHERE id = %(id)s
 
@@ -36,13 +30,7 @@ SELECT id, queue, task, args, state, attempt, max_attempts, priority, run_at, cr
 SELECT id, queue, task, args, state, attempt, max_attempts, priority, run_at, created_at,
        started_at, finished_at, lease_expires_at, locked_by, last_error, errors, result,
        dedup_key, idempotency_key, bundle_id,
-       coalesce(j.max_attempts,
-                (SELECT t.max_attempts FROM {schema}.tasks t
-                  WHERE t.max_attempts IS NOT NULL
-                    AND (t.name = j.task OR (right(t.name, 2) = '.*'
-                                             AND starts_with(j.task, left(t.name, -1))))
-                  ORDER BY t.name = j.task DESC, length(t.name) DESC LIMIT 1),
-                (SELECT q.max_attempts FROM {schema}.queues q WHERE q.name = j.queue))
+       (SELECT p.max_attempts FROM {schema}.job_policy(j.task, j.queue, j.max_attempts) p)
            AS effective_max_attempts
   FROM {schema}.jobs j
  WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
