@@ -87,19 +87,6 @@ HEALTH_WRITE_INTERVAL = 2.0
 """Seconds between writes of the node's health into this child's jobqd.processes row."""
 _JOB_PATH = re.compile(r"/jobs/([^/]+)")
 _BUNDLE_PATH = re.compile(r"/bundles/([^/]+)")
-_JOB_KEYS = frozenset(
-    {
-        "task",
-        "args",
-        "queue",
-        "delay",
-        "run_at",
-        "priority",
-        "max_attempts",
-        "dedup_key",
-        "idempotency_key",
-    }
-)
 
 
 class ApiError(Exception):
@@ -433,9 +420,9 @@ def _enqueue_arguments(body: Any) -> dict[str, Any]:
     """The keywords for Client.enqueue, checked the way the client checks them."""
     if not isinstance(body, dict):
         raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-    unknown = sorted(set(body) - _JOB_KEYS)
+    unknown = sorted(set(body) - job_rows.ENQUEUE_KEYS)
     if unknown:
-        allowed = ", ".join(sorted(_JOB_KEYS))
+        allowed = ", ".join(sorted(job_rows.ENQUEUE_KEYS))
         raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown keys {unknown}; allowed: {allowed}")
     kwargs = {key: value for key, value in body.items() if value is not None}
     if not isinstance(kwargs.get("task"), str) or not kwargs["task"]:

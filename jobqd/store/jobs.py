@@ -234,23 +234,26 @@ def delete(conn: psycopg.Connection, schema: str, ids: Sequence[int]) -> list[in
     return sorted(row[0] for row in rows)
 
 
-_ITEM_KEYS = {
-    "task",
-    "args",
-    "queue",
-    "delay",
-    "run_at",
-    "priority",
-    "max_attempts",
-    "dedup_key",
-    "idempotency_key",
-}
+ENQUEUE_KEYS = frozenset(
+    {
+        "task",
+        "args",
+        "queue",
+        "delay",
+        "run_at",
+        "priority",
+        "max_attempts",
+        "dedup_key",
+        "idempotency_key",
+    }
+)
+"""What an enqueue may name: enqueue()'s keywords, an enqueue_many item's, a POST /jobs body's."""
 
 
 def split(item: tuple[str, Any] | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """An enqueue_many item as (task, enqueue()'s other keywords)."""
     if isinstance(item, Mapping):
-        unknown = set(item) - _ITEM_KEYS
+        unknown = set(item) - ENQUEUE_KEYS
         if unknown or "task" not in item:
             raise ValueError(
                 f"enqueue_many item {dict(item)!r}: needs 'task'"

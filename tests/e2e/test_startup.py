@@ -5,78 +5,19 @@ through a whole drain until the last worker has exited."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 from e2e_daemon import alive, base_config, enqueue
-from faults import free_port
+from faults import free_port, needs_pgbouncer, pgbouncer
 from helpers import wait_for
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd.errors import EXIT_CONFIG
-
-PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-needs_pgbouncer = pytest.mark.skipif(
-    not os.path.exists(PGBOUNCER), reason="pgbouncer is not installed (apt-get install pgbouncer)"
-)
-
-
-@contextlib.contextmanager
-def pgbouncer(dsn: str, *, pool_mode: str, ignore_options: bool) -> Iterator[str]:
-    """A throw-away pgbouncer in front of the test server; yields a DSN through it."""
-    params = conninfo_to_dict(dsn)
-    host = params.get("host") or ""
-    if not host or host.startswith("/"):
-        pytest.skip("needs the test server on TCP; the embedded fallback has a unix socket only")
-    with tempfile.TemporaryDirectory(prefix="jobqd-pgbouncer-") as tmp:
-        port = free_port()
-        ignore = "options,extra_float_digits" if ignore_options else "extra_float_digits"
-        Path(tmp, "pgbouncer.ini").write_text(
-            f"""[databases]
-* = host={host} port={params.get("port") or 5432} user=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = any
-pool_mode = {pool_mode}
-ignore_startup_parameters = {ignore}
-logfile = {tmp}/pgbouncer.log
-pidfile = {tmp}/pgbouncer.pid
-"""
-        )
-        command = [PGBOUNCER, "-d", f"{tmp}/pgbouncer.ini"]
-        if os.geteuid() == 0:  # pgbouncer refuses to run as root
-            shutil.chown(tmp, "postgres")
-            command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True)
-        try:
-            through = make_conninfo(dsn, host="127.0.0.1", port=str(port))
-            wait_for(lambda: _answers(through), timeout=10, what="pgbouncer up")
-            yield through
-        finally:
-            pid = int(Path(tmp, "pgbouncer.pid").read_text())
-            os.kill(pid, signal.SIGTERM)
-            wait_for(lambda: not Path(tmp, "pgbouncer.pid").exists(), timeout=10, what="down")
-
-
-def _answers(dsn: str) -> bool:
-    try:
-        with psycopg.connect(dsn, connect_timeout=2):
-            return True
-    except psycopg.OperationalError:
-        return False
 
 
 @needs_pgbouncer

@@ -9,24 +9,18 @@ file: test_cron, test_reaper, test_pruner, test_aging.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import tempfile
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import psycopg
 import pytest
-from faults import Proxy
+from faults import Proxy, needs_pgbouncer, pgbouncer
 from helpers import scalar, start_worker, wait_for
 from leaders import FAST, claimed_leaders, leader, leader_pid, start
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from jobqd import Client
 from jobqd.config.settings import parse
@@ -260,59 +254,6 @@ def test_bundle_callback_runs_once_after_the_last_job_even_when_some_die(db, pro
     with psycopg.connect(db) as c:
         runs = c.execute("SELECT job_id FROM public.ledger WHERE task = 'test.record'").fetchall()
     assert runs == [(bundle.callback_job_id,)]
-
-
-PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-
-
-@contextlib.contextmanager
-def pgbouncer(dsn: str, *, pool_mode: str, ignore_options: bool):
-    """A throw-away pgbouncer in front of the test server; yields a DSN through it."""
-    params = conninfo_to_dict(dsn)
-    with tempfile.TemporaryDirectory(prefix="jobqd-pgbouncer-") as tmp:
-        with socket.create_server(("127.0.0.1", 0)) as probe:
-            port = probe.getsockname()[1]
-        ignore = "options,extra_float_digits" if ignore_options else "extra_float_digits"
-        Path(tmp, "pgbouncer.ini").write_text(
-            f"""[databases]
-* = host={params.get("host") or "127.0.0.1"} port={params.get("port") or 5432} user=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = any
-pool_mode = {pool_mode}
-ignore_startup_parameters = {ignore}
-logfile = {tmp}/pgbouncer.log
-pidfile = {tmp}/pgbouncer.pid
-"""
-        )
-        command = [PGBOUNCER, "-d", f"{tmp}/pgbouncer.ini"]
-        if os.geteuid() == 0:  # pgbouncer refuses to run as root
-            shutil.chown(tmp, "postgres")
-            command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True)
-        try:
-            through = make_conninfo(dsn, host="127.0.0.1", port=str(port))
-            wait_for(lambda: _answers(through), timeout=10, what="pgbouncer up")
-            yield through
-        finally:
-            pid = int(Path(tmp, "pgbouncer.pid").read_text())
-            os.kill(pid, signal.SIGTERM)
-            wait_for(lambda: not Path(tmp, "pgbouncer.pid").exists(), timeout=10, what="down")
-
-
-def _answers(dsn: str) -> bool:
-    try:
-        with psycopg.connect(dsn, connect_timeout=2):
-            return True
-    except psycopg.OperationalError:
-        return False
-
-
-needs_pgbouncer = pytest.mark.skipif(
-    not os.path.exists(PGBOUNCER), reason="pgbouncer is not installed (apt-get install pgbouncer)"
-)
 
 
 @needs_pgbouncer
