@@ -519,6 +519,7 @@ def print_summary(result: dict[str, Any]) -> None:
         ("lost", checks["lost"]),
         ("doubled (effect twice)", checks["doubled"]),
         *((f"  {why}", n) for why, n in sorted(checks["doubled_by_cause"].items())),
+        ("  near a master kill, any cause", checks["doubled_near_master_kill"]),
         ("overlaps, lease valid", checks["overlaps_valid_lease"]),
         ("overlaps, any", checks["overlaps"]),
         ("runs / unexplained", f"{checks['runs']} / {checks['unexplained_runs']}"),

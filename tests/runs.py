@@ -215,6 +215,12 @@ def audit(
         if r.outcome == "done":
             done.setdefault(r.job, []).append(r)
     doubled = {job: cause(rs[0], list(faults), owner) for job, rs in done.items() if len(rs) > 1}
+    # The first soak's measure, kept for comparison: any double whose first completed run
+    # ended in a master kill's window, whichever daemon and whatever else hit it.
+    kills = [f for f in faults if f.kind == "kill_master"]
+    near_kill = sum(
+        1 for job in doubled if any(k.start <= (done[job][0].end or 0) <= k.end for k in kills)
+    )
     causes: dict[str, int] = {}
     for why in doubled.values():
         causes[why] = causes.get(why, 0) + 1
@@ -238,6 +244,7 @@ def audit(
             why: [job for job, c in sorted(doubled.items()) if c == why][:10] for why in causes
         },
         "doubled_after_master_kill": causes.get("kill_master", 0),
+        "doubled_near_master_kill": near_kill,
         "doubled_unexplained": causes.get("unexplained", 0),
         "succeeded_without_effect": sum(
             1 for job, (state, _) in jobs.items() if state == "succeeded" and job not in done
