@@ -147,6 +147,8 @@ def worker_config(dsn: str, **settings: Any) -> Any:
     from jobqd.worker.process import WorkerConfig
 
     config = WorkerConfig.from_settings(dsn, Settings.default(), "default")
+    if "lease" in settings:  # the default heartbeat is a third of the default lease
+        settings.setdefault("heartbeat", None)
     return dataclasses.replace(config, **settings)
 
 
