@@ -15,10 +15,14 @@ processes call themselves leader (process titles) twice a second.
 
 At the end it waits for the queue to drain (a progress line every 5 s) and checks, against the
 ledger and the jobs table: jobs lost, overlapping runs of one job while a lease was valid,
-runs not explained by an attempt, effects that happened twice (after a master kill), anything
-left running, at most one leader per sample. It prints a summary and writes it as JSON
-(--out). Exit status 1 when an invariant was broken, 0 otherwise. All traffic stays on
-127.0.0.1; the cluster's data lives in a temp dir that is always removed.
+runs not explained by an attempt, anything left running, at most one leader per sample, and
+effects that happened twice, each put down to its cause (runs.cause): a lease already lost
+when the task ended (frozen or cut off past it), or the fault that hit its process as it
+ended; one that only a master kill explains, or nothing does, breaks the run. Resume times
+(first run started per daemon after a restart or a heal) come from the ledger. It prints a
+summary and writes it as JSON (--out); --keep DIR keeps the ledger and daemon logs. Exit
+status 1 when an invariant was broken, 0 otherwise. All traffic stays on 127.0.0.1; the
+cluster's data lives in a temp dir that is always removed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -41,7 +46,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 import psycopg  # noqa: E402
 from e2e_daemon import Daemon, alive, base_config, title  # noqa: E402
 from faults import Cluster, Freezer, Proxy, cluster_unavailable, launch, send  # noqa: E402
-from runs import RUNS_DIR_ENV, audit  # noqa: E402
+from runs import RUNS_DIR_ENV, Fault, Run, audit, read_runs  # noqa: E402
 
 from jobqd.store.migrate import lock_key, migrate  # noqa: E402
 
@@ -81,13 +86,15 @@ class Soak:
         self.ids: list[int] = []
         self.enqueue_errors = 0
         self.faults: list[dict[str, Any]] = []
-        self.master_kills: list[float] = []
+        self.hits: list[Fault] = []  # what each fault may have cost, for the audit
         self.killed_pids: set[int] = set()
-        self.resumes: list[dict[str, Any]] = []
+        self.blackholed_at = 0.0
+        self.returns: list[dict[str, Any]] = []  # when the database or the link came back
         self.samples = Counter()
         self.max_lock_holders = 0
         self.stop = threading.Event()
         self.began = time.monotonic()
+        self.began_at = time.time()
 
     # -- the moving parts --------------------------------------------------------------------
 
@@ -195,7 +202,10 @@ class Soak:
             name, pid = self.rng.choice(targets)
             detail = title(pid)
             if send(pid, signal.SIGKILL):
+                now = time.time()
                 self.killed_pids.add(pid)
+                # outcomes finished in the last second may not have been written yet
+                self.hits.append(Fault("kill_child", now - 1, now, pid=pid))
                 self.record("kill_child", daemon=name, pid=pid, title=detail)
 
     def kill_master(self) -> None:
@@ -203,7 +213,9 @@ class Soak:
         daemon = self.daemons[name]
         daemon.children()  # remember its children, to clean up after them
         if send(daemon.pid, signal.SIGKILL):
-            self.master_kills.append(time.time())
+            now = time.time()
+            # its children drain for up to shutdown_timeout (10 s), then exit
+            self.hits.append(Fault("kill_master", now - 2, now + 15, daemon=name))
             self.killed_pids.add(daemon.pid)
             daemon.wait(10)
             self.record("kill_master", daemon=name, pid=daemon.pid)
@@ -231,39 +243,33 @@ class Soak:
             seconds = LEASE + 3
             detail = title(pid)
             if self.freezer.freeze(pid, seconds):
+                now = time.time()
+                # what it finishes just after SIGCONT comes past its lease
+                self.hits.append(Fault("stop_child", now - 1, now + seconds + 2, pid=pid))
                 self.record("stop_child", daemon=name, pid=pid, title=detail, seconds=seconds)
 
     def blackhole(self, seconds: float = 20.0) -> None:
+        self.blackholed_at = time.time()
         self.proxy.blackhole()
         self.record("blackhole", seconds=seconds)
-        timer = threading.Timer(seconds, self.proxy.heal)
+        timer = threading.Timer(seconds, self.heal)
         timer.daemon = True
         timer.start()
 
+    def heal(self) -> None:
+        self.proxy.heal()
+        now = time.time()
+        self.hits.append(Fault("blackhole", self.blackholed_at - 1, now, daemon="a"))
+        self.returns.append({"after": "blackhole", "at": now, "daemons": ["a"]})
+
     def restart_postgres(self, mode: str) -> None:
         down = 5.0 if mode == "immediate" else 2.0
-        self.record(f"postgres_{mode}_restart", down=down)
-        self.pg.restart(mode, down=down)
-        back, back_at = time.monotonic(), time.time()
-        threading.Thread(target=self.watch_resume, args=(mode, back, back_at), daemon=True).start()
-
-    def watch_resume(self, mode: str, back: float, back_at: float) -> None:
-        """How long after the database came back the first job was claimed."""
-        entry: dict[str, Any] = {"restart": mode, "resumed_after_s": None}
-        self.resumes.append(entry)
-        while time.monotonic() - back < 300 and entry["resumed_after_s"] is None:
-            try:
-                with direct(self.dsn) as conn:
-                    claimed = conn.execute(
-                        "SELECT count(*) FROM jobqd.jobs WHERE started_at > to_timestamp(%s)",
-                        (back_at,),
-                    ).fetchone()[0]
-            except psycopg.Error:
-                claimed = 0
-            if claimed:
-                entry["resumed_after_s"] = round(time.monotonic() - back, 2)
-            else:
-                time.sleep(0.1)
+        kind, began = f"postgres_{mode}_restart", time.time()
+        self.record(kind, down=down)
+        self.pg.restart(mode, down=down)  # returns once the server accepts connections
+        now = time.time()
+        self.hits.append(Fault(kind, began - 1, now))
+        self.returns.append({"after": kind, "at": now, "daemons": ["a", "b"]})
 
     def chaos(self) -> None:
         duration = self.args.duration
@@ -277,7 +283,8 @@ class Soak:
             elapsed = time.monotonic() - self.began
             if elapsed > duration or len(self.faults) >= self.args.max_faults:
                 return
-            if scheduled and elapsed >= scheduled[0][0]:
+            # a restart waits for the link to heal, so each resume figure has one cause
+            if scheduled and elapsed >= scheduled[0][0] and self.proxy.mode == "pass":
                 _, what = scheduled.pop(0)
                 if what == "blackhole":
                     self.blackhole()
@@ -332,6 +339,41 @@ class Soak:
                 exits[f"{r.get('child_role', '?')}: {how}"] += 1
         return dict(exits)
 
+    def child_pids(self) -> dict[int, str]:
+        """Every child any master of each daemon logged as booted: pid -> daemon name."""
+        return {
+            r["child_pid"]: name
+            for name, daemon in self.daemons.items()
+            for r in daemon.logs()
+            if r.get("message", "").endswith(" booted") and "child_pid" in r
+        }
+
+    def resumes(self, runs: list[Run]) -> list[dict[str, Any]]:
+        """Per return of the database (restart) or the link (blackhole heal) and per daemon
+        it cut off: seconds from that instant to the first run its workers started."""
+        owner = self.child_pids()
+        found = []
+        for back in self.returns:
+            entry = {"after": back["after"], "at_s": round(back["at"] - self.began_at, 1)}
+            for name in back["daemons"]:
+                first = next(
+                    (r.start for r in runs if r.start >= back["at"] and owner.get(r.pid) == name),
+                    None,
+                )
+                entry[name] = None if first is None else round(first - back["at"], 2)
+            found.append(entry)
+        return found
+
+    def keep(self, where: Path) -> None:
+        """Copy the ledger and the daemons' logs and configs to `where`, for a post-mortem."""
+        where.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(self.runs_dir, where / "runs", dirs_exist_ok=True)
+        for name, daemon in self.daemons.items():
+            for path in (daemon.log_path, daemon.config_path):
+                if path.exists():
+                    shutil.copy(path, where / f"{name}-{path.name}")
+        log(f"ledger and daemon logs kept in {where}")
+
     def shutdown(self) -> None:
         self.freezer.thaw_all()
         self.proxy.heal()
@@ -351,6 +393,9 @@ def main() -> int:
     parser.add_argument("--drain-timeout", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("chaos-result.json"))
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="copy the ledger and daemon logs to this dir"
+    )
     args = parser.parse_args()
     if args.short:
         for key, value in PROFILES["short"].items():
@@ -381,7 +426,7 @@ def main() -> int:
             )
             try:
                 soak.start_daemons()
-                soak.began = time.monotonic()
+                soak.began, soak.began_at = time.monotonic(), time.time()
                 threads = [
                     threading.Thread(target=soak.enqueue, name="enqueue", daemon=True),
                     threading.Thread(target=soak.sample, name="sample", daemon=True),
@@ -391,16 +436,18 @@ def main() -> int:
                 soak.chaos()
                 threads[0].join()
                 soak.freezer.thaw_all()
-                proxy.heal()
+                if proxy.mode == "blackhole":
+                    soak.heal()
                 soak.ensure_masters()
                 chaos_seconds = round(time.monotonic() - soak.began, 1)
                 drain_seconds = soak.drain()
                 soak.stop.set()
                 threads[1].join()
                 checks = audit(
-                    pg.dsn(), soak.ids, soak.runs_dir, master_kills=tuple(soak.master_kills)
+                    pg.dsn(), soak.ids, soak.runs_dir, faults=soak.hits, owner=soak.child_pids()
                 )
                 exits = soak.worker_exits()
+                resumes = soak.resumes(read_runs(soak.runs_dir))
             except BaseException:
                 for daemon in soak.daemons.values():
                     log(f"daemon {daemon.dir.name}, last lines of its log:\n{daemon.tail(40)}")
@@ -408,7 +455,9 @@ def main() -> int:
             finally:
                 soak.stop.set()
                 soak.shutdown()
-    result = summarize(args, soak, checks, exits, chaos_seconds, drain_seconds, started)
+                if args.keep is not None:
+                    soak.keep(args.keep)
+    result = summarize(args, soak, checks, exits, resumes, chaos_seconds, drain_seconds, started)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_summary(result)
     log(f"written to {args.out}")
@@ -420,6 +469,7 @@ def summarize(
     soak: Soak,
     checks: dict[str, Any],
     exits: dict[str, int],
+    resumes: list[dict[str, Any]],
     chaos_seconds: float,
     drain_seconds: float,
     started: float,
@@ -431,6 +481,7 @@ def summarize(
         "overlaps_valid_lease": checks["overlaps_valid_lease"],
         "unexplained_runs": checks["unexplained_runs"],
         "doubled_after_master_kill": checks["doubled_after_master_kill"],
+        "doubled_unexplained": checks["doubled_unexplained"],
         "samples_two_lock_holders": soak.samples["two_lock_holders"],
     }
     return {
@@ -443,7 +494,7 @@ def summarize(
         "drain_seconds": drain_seconds,
         "faults": dict(Counter(f["kind"] for f in soak.faults)),
         "fault_log": soak.faults,
-        "resume_after_restart": soak.resumes,
+        "resumes": resumes,
         "unplanned_child_exits": exits,
         "leader_samples": dict(soak.samples),
         "max_lock_holders": soak.max_lock_holders,
@@ -461,13 +512,14 @@ def print_summary(result: dict[str, Any]) -> None:
         ("faults injected", sum(result["faults"].values())),
         *((f"  {kind}", n) for kind, n in sorted(result["faults"].items())),
         ("chaos / drain (s)", f"{result['chaos_seconds']} / {result['drain_seconds']}"),
-        (
-            "resume after restart (s)",
-            [r["resumed_after_s"] for r in result["resume_after_restart"]],
+        *(
+            (f"resumed after {r['after']} at {r['at_s']}s (s)", {k: r[k] for k in "ab" if k in r})
+            for r in result["resumes"]
         ),
         ("lost", checks["lost"]),
         ("doubled (effect twice)", checks["doubled"]),
-        ("  after a master kill", checks["doubled_after_master_kill"]),
+        *((f"  {why}", n) for why, n in sorted(checks["doubled_by_cause"].items())),
+        ("  near a master kill, any cause", checks["doubled_near_master_kill"]),
         ("overlaps, lease valid", checks["overlaps_valid_lease"]),
         ("overlaps, any", checks["overlaps"]),
         ("runs / unexplained", f"{checks['runs']} / {checks['unexplained_runs']}"),
