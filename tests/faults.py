@@ -9,6 +9,7 @@ removes, stopping the server first; the shared server on 5432 is never touched.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -337,6 +340,17 @@ class Proxy:
 
 
 # -- the daemon as a process ----------------------------------------------------------------
+
+
+def get_json(port: int, path: str) -> tuple[int | None, Any]:
+    """(status, JSON body) of GET path, or (None, None) when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None, None
 
 
 def launch(

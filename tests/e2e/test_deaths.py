@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 from e2e_daemon import base_config, enqueue, states
-from faults import free_port
+from faults import free_port, get_json
 from helpers import wait_for
 
 POISON_MODULE = """
@@ -29,16 +29,6 @@ from jobqd import task
 def exit_now(job):
     os._exit(1)  # the whole worker process dies, as with a segfault or an OOM kill
 """
-
-
-def get(port: int, path: str) -> tuple[int | None, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None, None
 
 
 def status_json(dsn: str) -> dict[str, Any]:
@@ -96,7 +86,7 @@ def test_a_poison_job_ends_dead_naming_the_exit_and_the_crash_loop_shows(jobqd, 
     assert [(loop["child"], loop["last_exit"]) for loop in loops] == [
         ("worker default#0", "exit status 1")
     ]
-    code, body = get(port, "/readyz")
+    code, body = get_json(port, "/readyz")
     assert code == 503 and "crash-looping: worker default#0" in body["error"], body
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         metrics = response.read().decode()

@@ -9,12 +9,9 @@ marks go with that fix.
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +20,16 @@ from typing import Any
 import psycopg
 import pytest
 from e2e_daemon import Daemon, alive, base_config, enqueue, states, title
-from faults import Cluster, Proxy, cluster, cluster_unavailable, free_port, launch, workers
+from faults import (
+    Cluster,
+    Proxy,
+    cluster,
+    cluster_unavailable,
+    free_port,
+    get_json,
+    launch,
+    workers,
+)
 from helpers import wait_for
 from runs import RUNS_DIR_ENV, overlaps, read_runs
 
@@ -95,17 +101,6 @@ def count(pg: Cluster, query: str, params: Any = None) -> int:
         return conn.execute(query, params).fetchone()[0]
 
 
-def get(port: int, path: str) -> tuple[int | None, Any]:
-    """(status, JSON body) of GET path, or (None, None) when nothing answers."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None, None
-
-
 def test_workers_keep_their_pids_through_an_immediate_restart(pg, daemons, runs_dir):
     daemon = daemons("a", daemon_config(pg.dsn()))
     pids = [daemon.booted("worker default#0"), daemon.booted("worker default#1")]
@@ -175,13 +170,17 @@ def test_healthz_answers_while_the_database_is_down(pg, daemons):
     config = daemon_config(pg.dsn())
     config["http"] = {"listen": f"127.0.0.1:{port}"}
     daemon = daemons("a", config)
-    wait_for(lambda: get(port, "/healthz")[0] == 200, timeout=15, what="/healthz, database down")
-    assert get(port, "/readyz")[0] == 503
+    wait_for(
+        lambda: get_json(port, "/healthz")[0] == 200, timeout=15, what="/healthz, database down"
+    )
+    assert get_json(port, "/readyz")[0] == 503
     pg.start()
-    wait_for(lambda: get(port, "/readyz")[0] == 200, timeout=30, what="ready once it is up")
+    wait_for(lambda: get_json(port, "/readyz")[0] == 200, timeout=30, what="ready once it is up")
     pg.stop("immediate")
-    wait_for(lambda: get(port, "/readyz")[0] == 503, timeout=15, what="unready once it is down")
-    assert get(port, "/healthz")[0] == 200
+    wait_for(
+        lambda: get_json(port, "/readyz")[0] == 503, timeout=15, what="unready once it is down"
+    )
+    assert get_json(port, "/healthz")[0] == 200
     assert daemon.proc is not None and daemon.proc.poll() is None
 
 
