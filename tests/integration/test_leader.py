@@ -15,8 +15,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
@@ -138,6 +140,17 @@ class Sampler:
                     self.claims.append(claimed_leaders(self.dsn, self.alive))
                 time.sleep(0.02)
 
+    def first(self, *, after: datetime, where: Callable[[list[int]], Any]) -> datetime:
+        """The time of the first sample after `after` whose holders satisfy `where`, waiting
+        for the sampling thread to record one."""
+        return wait_for(
+            lambda: next(
+                (t for t, found in list(self.samples) if t > after and where(found)), None
+            ),
+            timeout=5,
+            what="a sample of the lock's holders",
+        )
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
@@ -173,10 +186,9 @@ def test_a_frozen_leader_loses_the_lock_within_leader_timeout_and_no_tick_is_los
                 timeout=LEADER_TIMEOUT + 10,
                 what="the standby leading",
             )
-            lost_at = next(t for t, found in sampler.samples if t > frozen_at and old not in found)
-            taken_at = next(
-                t for t, found in sampler.samples if t > lost_at and found and old not in found
-            )
+            # The sampler's thread may not have recorded the takeover yet: wait for its samples.
+            lost_at = sampler.first(after=frozen_at, where=lambda found: old not in found)
+            taken_at = sampler.first(after=lost_at, where=lambda found: found and old not in found)
             while receiver.read()[0]:  # what it said before it froze
                 pass
             os.kill(frozen.pid, signal.SIGCONT)
