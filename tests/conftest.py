@@ -15,19 +15,12 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from helpers import answers
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd.store.migrate import migrate
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def _answers(dsn: str) -> bool:
-    try:
-        with psycopg.connect(dsn, connect_timeout=3):
-            return True
-    except psycopg.OperationalError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +30,7 @@ def server_dsn() -> Iterator[str]:
     if explicit:
         yield explicit
         return
-    if _answers(LOCAL_DSN):
+    if answers(LOCAL_DSN):
         yield LOCAL_DSN
         return
     import pgserver

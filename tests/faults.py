@@ -25,10 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from e2e_daemon import Daemon, daemon_env, title
-from helpers import wait_for
+from helpers import answers, wait_for
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -484,17 +483,9 @@ pidfile = {tmp}/pgbouncer.pid
         subprocess.run(command, check=True)
         try:
             through = make_conninfo(dsn, host="127.0.0.1", port=str(port))
-            wait_for(lambda: _answers(through), timeout=10, what="pgbouncer up")
+            wait_for(lambda: answers(through), timeout=10, what="pgbouncer up")
             yield through
         finally:
             pid = int(Path(tmp, "pgbouncer.pid").read_text())
             os.kill(pid, signal.SIGTERM)
             wait_for(lambda: not Path(tmp, "pgbouncer.pid").exists(), timeout=10, what="down")
-
-
-def _answers(dsn: str) -> bool:
-    try:
-        with psycopg.connect(dsn, connect_timeout=2):
-            return True
-    except psycopg.OperationalError:
-        return False

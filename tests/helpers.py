@@ -186,3 +186,12 @@ def scalar(dsn: str, query: str, params: Any = None) -> Any:
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(query, params).fetchone()
     return row[0] if row else None
+
+
+def answers(dsn: str) -> bool:
+    """Whether a PostgreSQL server takes connections at `dsn` (within 3 s)."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
