@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import psycopg
 
 from jobqd.store.sql import queries
 
 
-def pause(conn: psycopg.Connection, schema: str, queue: str) -> None:
-    """Every node stops claiming from `queue` (its running jobs finish)."""
-    conn.execute(queries(schema).queues_pause, {"queue": queue})
+def pause(
+    conn: psycopg.Connection,
+    schema: str,
+    queue: str,
+    *,
+    duration: float | None = None,
+    paused_by: str | None = None,
+) -> datetime | None:
+    """Every node stops claiming from `queue` (its running jobs finish), until resumed or,
+    with `duration` (seconds), until that much time has passed: the claim itself compares
+    the pause's end with the database's clock, so nothing has to run to end it. `paused_by`
+    says who, for `jobqctl status`. Returns when a timed pause ends."""
+    sql = queries(schema)
+    with conn.transaction():
+        conn.execute(
+            sql.queues_pause, {"queue": queue, "duration": duration, "paused_by": paused_by}
+        )
+        row = conn.execute(sql.queues_paused_until, {"queue": queue}).fetchone()
+    return row[0] if row else None
 
 
 def resume(conn: psycopg.Connection, schema: str, queue: str) -> None:

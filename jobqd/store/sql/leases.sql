@@ -84,6 +84,8 @@ WITH expired AS (
                'kind', CASE WHEN %(reason)s::text IS NULL THEN 'LeaseExpired'
                             ELSE 'WorkerExited' END,
                'message', CASE
+                   WHEN %(reason)s::text IS NULL AND p.role = 'external'
+                   THEN format('lease expired: external worker %%L stopped renewing it', p.host)
                    WHEN %(reason)s::text IS NULL
                    THEN format('lease expired: worker process %%s (%%s pid %%s) stopped renewing it',
                                j.locked_by, coalesce(p.host, 'unknown host'),
