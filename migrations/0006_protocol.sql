@@ -390,6 +390,15 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION grant_worker(name) FROM PUBLIC;
 
+-- Roles already given the daemon's rights (grant_daemon: they may update jobs) may call the
+-- protocol too: the http child serves it, and grant_daemon granted only the functions that
+-- existed when it ran.
+SELECT grant_worker(a.grantee::regrole::name)
+  FROM (SELECT DISTINCT a.grantee
+          FROM pg_class c, aclexplode(c.relacl) a
+         WHERE c.oid = 'jobs'::regclass AND a.privilege_type = 'UPDATE'
+           AND a.grantee <> 0 AND a.grantee <> c.relowner) a;
+
 -- Timed pause: pause(queue) as before, or for a while, saying by whom.
 DROP FUNCTION pause(text);
 CREATE FUNCTION pause(queue_name text, duration interval DEFAULT NULL,
