@@ -108,15 +108,15 @@ $$;
 -- inline statement it replaces was, cost about a third of its time (pgbench, claim 50 +
 -- complete 50). The one right plan is index scans: jobs_claim in claim order, then the primary
 -- key for the picked ids. A plan made once must not depend on the statistics of its day (a
--- plan made on an empty table would scan the whole table for ever after), so sequential scans
--- are ruled out, and the picked ids go through an array so that the plan, which cannot know
--- max_jobs, looks them up by primary key instead of hashing the table.
+-- plan made on an empty table would scan the whole table for ever after), so sequential and
+-- bitmap scans are ruled out, and the picked ids go through an array so that the plan, which
+-- cannot know max_jobs, looks them up by primary key instead of hashing the table.
 CREATE FUNCTION claim_batch(queue_name text, max_jobs integer, lease interval, holder bigint)
 RETURNS TABLE (id bigint, queue text, task text, args jsonb, attempt integer,
                max_attempts integer, lease_token bigint, priority integer, run_at timestamptz,
                created_at timestamptz, started_at timestamptz, lease_expires_at timestamptz)
 LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT
-SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
 #variable_conflict use_column
 BEGIN
