@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from jobqd import __version__, config, tasks
-from jobqd.config import yamlload
+from jobqd.config import CONFIG_ENV, DEFAULT_CONFIG, yamlload
 from jobqd.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -27,9 +27,6 @@ from jobqd.errors import (
     DatabaseUnavailable,
 )
 from jobqd.observe.logs import setup_logging
-
-DEFAULT_CONFIG = "/etc/jobqd.yaml"
-CONFIG_ENV = "JOBQD_CONFIG"
 
 log = logging.getLogger("jobqd.master")
 

@@ -28,7 +28,8 @@ from croniter import croniter
 from jobqd.config import yamlload
 from jobqd.config.durations import format_duration, parse_duration, parse_size
 from jobqd.errors import JobqdError
-from jobqd.store.connections import EMBEDDED, default_data_dir
+from jobqd.store.connections import EMBEDDED
+from jobqd.store.embedded import default_data_dir
 
 DEFAULT_QUEUE = "default"
 NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")

@@ -17,9 +17,9 @@ pytest.importorskip("pgserver")
 HOLDER = textwrap.dedent(
     """
     import sys, psycopg
-    from jobqd.store.connections import start_embedded
+    from jobqd.store.embedded import start
     from jobqd.store.migrate import migrate
-    uri = start_embedded(sys.argv[1])
+    uri = start(sys.argv[1])
     with psycopg.connect(uri, autocommit=True) as conn:
         migrate(conn, "jobqd")
         job = conn.execute("SELECT jobqd.enqueue('q', 't')").fetchone()[0]
