@@ -106,7 +106,7 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
 
     for index, module in enumerate(settings.imports):
         try:
-            tasks.import_modules([module])
+            tasks.import_modules([module], settings.import_path())
         except ImportError as exc:
             error(("imports", index), str(exc))
     tasks.register_commands(settings.tasks, grace=0.0)  # looked up here, never run
