@@ -57,6 +57,10 @@ _TRANSIENT_REFUSALS = (
     "connection slots are reserved",
 )
 """What a server that answered says when trying again later can help (its FATAL messages)."""
+WAIT_POLL = 0.2  # `jobqctl wait`: seconds between looks at the jobs' states
+WAIT_NOTE_EVERY = 10.0  # and between its progress lines on stderr
+WAIT_POLL = 0.2  # `jobqctl wait`: seconds between looks at the jobs' states
+WAIT_NOTE_EVERY = 10.0  # and between its progress lines on stderr
 _CLEAR = "\x1b[H\x1b[2J"
 _BULK_NOTICE = 10_000  # bulk changes of more rows than this say so before they start
 
@@ -709,7 +713,45 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
     queue = job.queue if job is not None else args.queue
     ctx.emit(
         {"id": job_id, "queue": queue, "task": args.task},
-        lambda: f"enqueued job {job_id} ({args.task} on queue {queue!r})",
+        lambda: (
+            str(job_id) if args.quiet else f"enqueued job {job_id} ({args.task} on queue {queue!r})"
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_wait(ctx: Context, args: argparse.Namespace) -> int:
+    """Until every job given has ended (succeeded, dead or cancelled): a script's way to
+    wait for work it enqueued. Exit 0 once they have, whatever their state."""
+    ids = list(dict.fromkeys(args.ids))
+    started = time.monotonic()
+    next_note = started + WAIT_NOTE_EVERY
+    while True:
+        states = jobs.states(ctx.conn, ctx.schema, ids)
+        missing = [str(i) for i in ids if i not in states]
+        if missing:
+            _not_found(
+                f"no job {', '.join(missing)}: check the id with `jobqctl jobs` "
+                "(it may have been pruned)"
+            )
+        waiting = [i for i in ids if states[i] in admin.CANCELLABLE_STATES]
+        if not waiting:
+            break
+        now = time.monotonic()
+        pending = ", ".join(f"{i} ({states[i]})" for i in waiting)
+        if now - started >= args.timeout:
+            raise CtlError(
+                EXIT_FAILURE,
+                f"job {pending} had not ended after {format_duration(args.timeout)}: "
+                "pass a longer --timeout, or look at it with `jobqctl show ID`",
+            )
+        if now >= next_note:
+            ctx.note(f"jobqctl: waiting for job {pending}")
+            next_note = now + WAIT_NOTE_EVERY
+        time.sleep(min(WAIT_POLL, max(0.0, started + args.timeout - now)))
+    ctx.emit(
+        {"states": {str(i): states[i] for i in ids}},
+        lambda: "\n".join(f"job {i}: {states[i]}" for i in ids),
     )
     return EXIT_OK
 
@@ -1020,6 +1062,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=_positive_int)
     p.add_argument("--dedup-key")
     p.add_argument("--idempotency-key")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the job's id")
+    p = command("wait", cmd_wait, "wait until jobs have ended; print their states")
+    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID")
+    p.add_argument(
+        "--timeout", type=_duration, default=60.0, help="give up after this long (default 1m)"
+    )
     p = command("bundles", cmd_bundles, "list bundles, newest first")
     p.add_argument("--unfinished", action="store_true", help="only bundles still waiting")
     p.add_argument("--limit", type=_positive_int, default=50)

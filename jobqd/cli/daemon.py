@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from jobqd import __version__, config, tasks
+from jobqd.cli import starter
 from jobqd.config import CONFIG_ENV, DEFAULT_CONFIG, yamlload
 from jobqd.errors import (
     EXIT_CONFIG,
@@ -57,12 +58,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not apply database migrations at start (same as database.migrate: false)",
     )
+    parser.add_argument(
+        "--init",
+        metavar="DIR",
+        help=f"write a starter into DIR: a commented config ({starter.CONFIG}) and an example "
+        f"tasks module ({starter.MODULE}.py) that run at once; never overwrites a file",
+    )
     parser.add_argument("--version", action="version", version=f"jobqd {__version__}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.init:
+        return starter.init(args.init)
     path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
     if args.config:
         hint = ""
