@@ -59,8 +59,6 @@ _TRANSIENT_REFUSALS = (
 """What a server that answered says when trying again later can help (its FATAL messages)."""
 WAIT_POLL = 0.2  # `jobqctl wait`: seconds between looks at the jobs' states
 WAIT_NOTE_EVERY = 10.0  # and between its progress lines on stderr
-WAIT_POLL = 0.2  # `jobqctl wait`: seconds between looks at the jobs' states
-WAIT_NOTE_EVERY = 10.0  # and between its progress lines on stderr
 _CLEAR = "\x1b[H\x1b[2J"
 _BULK_NOTICE = 10_000  # bulk changes of more rows than this say so before they start
 
