@@ -12,12 +12,14 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from helpers import answers
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from jobqd.store import embedded
 from jobqd.store.migrate import migrate
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -41,6 +43,19 @@ def server_dsn() -> Iterator[str]:
             yield server.get_uri()
         finally:
             server.cleanup()
+
+
+@pytest.fixture
+def embedded_dir() -> Iterator[Path]:
+    """A directory for an embedded PostgreSQL of the test's own (its data in DIR/pgdata),
+    outside pytest's tmp_path: as root, pgserver runs the server as the user `pgserver`, which
+    must traverse every parent, and each pytest session makes /tmp/pytest-of-root private
+    again. A server the test left running there is stopped."""
+    pytest.importorskip("pgserver")
+    with tempfile.TemporaryDirectory(prefix="jobqd-test-embedded-") as tmp:
+        yield Path(tmp)
+        if embedded.find(Path(tmp) / "pgdata") is not None:
+            embedded.release(Path(tmp) / "pgdata", os.getpid())
 
 
 def with_dbname(dsn: str, dbname: str) -> str:

@@ -141,9 +141,8 @@ def _start_watchdog(path: Path) -> tuple[subprocess.Popen[bytes], int]:
     read_fd, write_fd = os.pipe()
     try:
         watchdog = subprocess.Popen(
-            [sys.executable, "-m", "jobqd.store.embedded", str(path), str(os.getpid())],
+            [sys.executable, "-c", _WATCHDOG, str(path), str(os.getpid())],
             stdin=read_fd,
-            stdout=subprocess.DEVNULL,
             start_new_session=True,
         )
     except OSError:
@@ -154,11 +153,16 @@ def _start_watchdog(path: Path) -> tuple[subprocess.Popen[bytes], int]:
     return watchdog, write_fd
 
 
+_WATCHDOG = "import sys; from jobqd.store.embedded import watchdog; sys.exit(watchdog())"
+
+
 def release(path: Path, gone: int) -> str:
     """Take process `gone` and every dead pid off pgserver's list of the server's users and
     stop the server when no living user is left; returns what was done, for the log."""
-    from pgserver.postgres_server import PostgresServer
-    from pgserver.utils import DiskList
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs, as in start()
+        from pgserver.postgres_server import PostgresServer
+        from pgserver.utils import DiskList
 
     with PostgresServer._lock:  # the lock pgserver holds while it starts or joins a server
         users = DiskList(path / ".handle_pids.json")
@@ -179,8 +183,8 @@ def _stop(path: Path) -> None:
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=path, user=user)
 
 
-def _watch(argv: list[str] | None = None) -> int:
-    """The watchdog's life: wait for EOF on stdin, then `release`."""
+def watchdog(argv: list[str] | None = None) -> int:
+    """The watchdog process's life: wait for EOF on stdin, then `release`."""
     import signal
 
     from jobqd.observe.logs import setup_logging
@@ -213,7 +217,3 @@ def _watch(argv: list[str] | None = None) -> int:
             args.pid,
         )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_watch())
