@@ -129,8 +129,9 @@ def test_the_wheel_ships_the_starter(tmp_path):
     """A pip user has the example config: --init works from the installed wheel alone."""
     root = Path(__file__).resolve().parents[2]
     builders = pytest.importorskip("hatchling.builders.wheel", reason="pip install -e '.[test]'")
-    builders.WheelBuilder(str(root)).build(directory=str(tmp_path), versions=["standard"])
-    (wheel,) = tmp_path.glob("jobqd-*.whl")
+    (wheel,) = builders.WheelBuilder(str(root)).build(
+        directory=str(tmp_path), versions=["standard"]
+    )
     shutil.unpack_archive(wheel, tmp_path / "site", format="zip")
     assert (tmp_path / "site" / "jobqd" / "etc" / "jobqd.example.yaml").is_file()
     env = {**_env(tmp_path), "PYTHONPATH": str(tmp_path / "site")}
