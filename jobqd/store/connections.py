@@ -35,7 +35,7 @@ EMBEDDED = "embedded"
 
 def resolve_url(url: str | None, data_dir: str | os.PathLike[str] | None = None) -> str:
     """Turn a configured database URL (or 'embedded'/None) into a real conninfo, starting
-    the embedded server (and its watchdog) for this process when that is what it names."""
+    the embedded server (and its keeper) for this process when that is what it names."""
     if not url or url == EMBEDDED:
         return embedded.start(data_dir)
     return url

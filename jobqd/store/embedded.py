@@ -5,10 +5,10 @@ server's own postmaster.pid, and `start` returns what `find` says once the serve
 pgserver keeps a list of the processes using a data directory and stops the server when the
 last of them exits, but only from an atexit hook, which a SIGKILL, a crash or the OOM killer
 never runs: the server would outlive its users for ever, and every later user would join a
-list holding a dead pid, so it would never stop again. So `start` also starts a watchdog, a
+list holding a dead pid, so it would never stop again. So `start` also starts a keeper, a
 small process holding the read end of a pipe whose write end stays in the starting process
 (and in whatever it forks: a master's children keep the server while they drain). When the
-last holder is gone, however it went, the watchdog reads EOF, takes that process and every
+last holder is gone, however it went, the keeper reads EOF, takes that process and every
 dead pid off pgserver's list, and stops the server if no living user is left.
 """
 
@@ -34,7 +34,7 @@ DATABASE = "postgres"
 log = logging.getLogger("jobqd.embedded")
 
 _lock = threading.Lock()
-_watched: dict[Path, tuple[subprocess.Popen[bytes], int]] = {}  # data dir: watchdog, pipe end
+_kept: dict[Path, tuple[subprocess.Popen[bytes], int]] = {}  # data dir: keeper, pipe end
 
 
 def default_data_dir() -> Path:
@@ -115,7 +115,7 @@ def start(data_dir: str | os.PathLike[str] | None = None) -> str:
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     with _lock, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if path not in _watched:
+        if path not in _kept:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 pgserver.get_server(path, cleanup_mode="stop")
@@ -124,7 +124,7 @@ def start(data_dir: str | os.PathLike[str] | None = None) -> str:
                     f"the embedded PostgreSQL in {path} could not start: {first_line(exc)} "
                     f"(its log: {path / 'log'})"
                 ) from None
-            _watched[path] = _start_watchdog(path)
+            _kept[path] = _start_keeper(path)
     url = find(path)
     if url is None:
         raise DatabaseUnavailable(
@@ -134,14 +134,14 @@ def start(data_dir: str | os.PathLike[str] | None = None) -> str:
     return url
 
 
-def _start_watchdog(path: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """The watchdog for this process: it gets the read end of a pipe on its stdin, this
+def _start_keeper(path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The keeper for this process: it gets the read end of a pipe on its stdin, this
     process keeps the write end (closed on exec, kept across fork). Its own session, so a
     Ctrl-C meant for the daemon does not reach it."""
     read_fd, write_fd = os.pipe()
     try:
-        watchdog = subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG, str(path), str(os.getpid())],
+        process = subprocess.Popen(
+            [sys.executable, "-c", _KEEPER, str(path), str(os.getpid())],
             stdin=read_fd,
             start_new_session=True,
         )
@@ -150,10 +150,10 @@ def _start_watchdog(path: Path) -> tuple[subprocess.Popen[bytes], int]:
         raise
     finally:
         os.close(read_fd)
-    return watchdog, write_fd
+    return process, write_fd
 
 
-_WATCHDOG = "import sys; from jobqd.store.embedded import watchdog; sys.exit(watchdog())"
+_KEEPER = "import sys; from jobqd.store.embedded import keeper; sys.exit(keeper())"
 
 
 def release(path: Path, gone: int) -> str:
@@ -183,19 +183,21 @@ def _stop(path: Path) -> None:
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=path, user=user)
 
 
-def watchdog(argv: list[str] | None = None) -> int:
-    """The watchdog process's life: wait for EOF on stdin, then `release`."""
+def keeper(argv: list[str] | None = None) -> int:
+    """The keeper process's life: wait for EOF on stdin, then `release`."""
     import signal
 
     from jobqd.observe.logs import setup_logging
+    from jobqd.observe.proctitle import set_title
 
-    parser = argparse.ArgumentParser(prog="jobqd embedded watchdog")
+    parser = argparse.ArgumentParser(prog="jobqd embedded keeper")
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("pid", type=int, help="the process that started or joined the server")
     args = parser.parse_args(argv)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_IGN)  # it ends when its users have, not before
-    setup_logging("auto", "info", role="embedded watchdog")
+    setup_logging("auto", "info", role="embedded keeper")
+    set_title(f"embedded keeper {args.data_dir}")  # ps: what it is and which server it keeps
     while os.read(0, 4096):
         pass
     try:

@@ -1,5 +1,5 @@
 """The embedded PostgreSQL (pgserver): started on demand, shared by a second process on the
-same data directory, stopped when the last user is gone, however it went (its watchdog), and
+same data directory, stopped when the last user is gone, however it went (its keeper), and
 found without being started (jobqctl's way)."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_second_process_shares_the_server_and_last_one_stops_it(embedded_dir):
 
 
 def test_a_sigkilled_user_leaves_no_server_behind(embedded_dir):
-    """pgserver stops the server from an atexit hook only; the watchdog stops it when the
+    """pgserver stops the server from an atexit hook only; the keeper stops it when the
     process that started it is SIGKILLed, and takes the dead pid off pgserver's list (else the
     next user would never stop it: the list would never be down to itself)."""
     data_dir = embedded_dir / "pgdata"
@@ -87,6 +87,6 @@ def test_a_sigkilled_user_leaves_no_server_behind(embedded_dir):
         assert conn.execute("SELECT count(*) FROM jobqd.jobs").fetchone() == (1,)
     holder.send_signal(signal.SIGKILL)
     holder.wait(10)
-    wait_for(lambda: not _alive(postmaster), timeout=30, what="the watchdog to stop the server")
+    wait_for(lambda: not _alive(postmaster), timeout=30, what="the keeper to stop the server")
     assert json.loads((data_dir / ".handle_pids.json").read_text()) == []
     assert embedded.find(data_dir) is None
