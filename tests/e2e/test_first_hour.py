@@ -115,6 +115,10 @@ def test_the_starter_runs_on_the_embedded_database_and_dies_with_its_master(tmp_
         master.send_signal(signal.SIGKILL)
         master.wait(10)
         wait_for(lambda: not alive(postmaster), timeout=60, what="the server to stop")
+        said = f"stopped the embedded PostgreSQL in {embedded_dir / 'pgdata'}: pid {master.pid}"
+        wait_for(
+            lambda: said in (tmp_path / "daemon.log").read_text(), timeout=10, what="its log line"
+        )
     finally:
         if master.poll() is None:
             master.kill()
