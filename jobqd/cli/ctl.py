@@ -25,6 +25,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd import config as config_module
 from jobqd.cli import output
+from jobqd.cli import roll as rolling
 from jobqd.config.durations import format_duration, parse_duration
 from jobqd.config.settings import DatabaseHealthSettings, QueueSettings
 from jobqd.errors import (
@@ -44,6 +45,8 @@ SYSTEM_CONFIG = Path("/etc/jobqd.yaml")
 WATCH_INTERVAL = 2.0
 DEFAULT_WAIT = 5.0
 """Seconds a command keeps trying to reach the database before it gives up (--wait)."""
+ROLL_TIMEOUT = 300.0
+"""Seconds `jobqctl roll` waits for each daemon's roll (--timeout)."""
 RETRY_FIRST = 0.5
 RETRY_CAP = 5.0
 _TRANSIENT_REFUSALS = (
@@ -351,6 +354,7 @@ def _status_text(document: dict[str, Any]) -> str:
             f"crash loop: {loop['host']} {loop['child']}: {loop['crash_loop']} "
             f"(last: {loop['last_exit']}; {loop['restarts']} restarts): see that node's log"
         )
+    parts += [_roll_line(entry) for entry in document.get("rolls") or ()]
     leader = document["leader"]
     if leader is None:
         parts.append("leader: none (no maintenance process holds the leader lock)")
@@ -361,6 +365,30 @@ def _status_text(document: dict[str, Any]) -> str:
             f"leader: database backend {leader.get('backend_pid')} (process not registered)"
         )
     return "\n".join(parts)
+
+
+def _roll_line(entry: dict[str, Any]) -> str:
+    """A node whose roll is under way or stopped halfway (admin.rolls)."""
+    node = f"roll: {entry['host']} master {entry['master_pid']}"
+    workers = {int(n): count for n, count in entry["workers"].items()}
+    newest = max(workers, default=0)
+    older = sum(count for n, count in workers.items() if n < newest)
+    roll = entry["roll"]
+    if roll and roll.get("state") in ("checking", "rolling"):
+        doing = ", ".join(roll.get("replacing") or ()) or "-"
+        return (
+            f"{node}: roll {roll['number']} {roll['state']}, {roll['replaced']}/{roll['total']}"
+            f" workers replaced (replacing: {doing})"
+        )
+    if roll and roll.get("state") == "failed":
+        return (
+            f"{node}: roll {roll['number']} stopped: {roll.get('error')}; {older} worker(s) "
+            "still run earlier code: fix it and `jobqctl roll` again on that host"
+        )
+    return (
+        f"{node}: {workers.get(newest, 0)} worker(s) run roll {newest}'s code, {older} earlier "
+        "code (a roll is under way or stopped: see that node's log)"
+    )
 
 
 def _unhandled_lines(groups: Iterable[dict[str, Any]]) -> list[str]:
@@ -861,6 +889,26 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_roll(ctx: Context, args: argparse.Namespace) -> int:
+    """Roll new task code through the workers of this host's masters (jobqd.cli.roll)."""
+    listed = _status_document(ctx)["processes"]
+    ctx.close()  # nothing more to ask the database while the roll runs
+    try:
+        outcomes = rolling.roll_host(listed, timeout=args.timeout, note=ctx.note)
+    except rolling.RollFailed as exc:
+        raise CtlError(EXIT_FAILURE, str(exc)) from None
+
+    def human() -> str:
+        return "\n".join(
+            f"{o.host} master {o.master_pid}: roll {o.roll} done: {o.replaced} worker(s) "
+            f"replaced in {o.seconds:.1f}s"
+            for o in outcomes
+        )
+
+    ctx.emit({"masters": [o.document() for o in outcomes]}, human)
+    return EXIT_OK
+
+
 # -- the command line ------------------------------------------------------------------------
 
 
@@ -950,6 +998,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("list", "run"))
     p.add_argument("name", nargs="?")
     command("prune", cmd_prune, "delete finished jobs past retention now")
+    p = command("roll", cmd_roll, "replace every worker on this host's daemons with new code")
+    p.add_argument(
+        "--timeout",
+        type=_duration,
+        default=ROLL_TIMEOUT,
+        metavar="DURATION",
+        help=f"give up waiting for a daemon's roll after this long (default {ROLL_TIMEOUT:g}s)",
+    )
     return parser
 
 
