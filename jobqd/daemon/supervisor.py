@@ -35,8 +35,9 @@ Master -> http child messages, on the pipe whose read end is the http child's `f
   `{"kind": "health", "master_alive_at": <unix time>, "preparing": <why the workers are not
   started yet, "" once prepared>, "ready": bool, "stopping": bool, "status": <the STATUS=
   line>, "children": {<name>: {"role", "queue", "pid", "booted", "started_at", "busy",
-  "concurrency", "leader", "restarts", "crash_looping", "crash_loop", "last_exit"}}}` where
-  `pid` is null for a child waiting to be restarted.
+  "concurrency", "leader", "restarts", "crash_looping", "crash_loop", "last_exit"}}, "roll":
+  <the last roll: jobqd.daemon.roll.Roll.document(), null before any>}` where `pid` is null
+  for a child waiting to be restarted.
 
 Deaths: how a child died (describe_exit, or `killed after child_timeout`) goes with a dead
 worker's process id to the next worker of its queue, which releases its jobs naming it. A
