@@ -891,7 +891,8 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_roll(ctx: Context, args: argparse.Namespace) -> int:
     """Roll new task code through the workers of this host's masters (jobqd.cli.roll)."""
-    listed = _status_document(ctx)["processes"]
+    grace = ctx.settings.reaper.process_grace if ctx.settings else admin.DEFAULT_STALE_AFTER
+    listed = admin.processes(ctx.conn, ctx.schema, stale_after=grace)
     ctx.close()  # nothing more to ask the database while the roll runs
     try:
         outcomes = rolling.roll_host(listed, timeout=args.timeout, note=ctx.note)
