@@ -95,8 +95,8 @@ def local_masters(processes: Iterable[dict[str, Any]], host: str) -> list[int]:
     return sorted(masters)
 
 
-def _progress(pid: int, state: TitleState) -> str:
-    text = f"master {pid}: roll {state.number} {state.state}"
+def _progress(state: TitleState) -> str:
+    text = f"roll {state.number} {state.state}"
     if state.state != CHECKING:
         text += f", {state.replaced}/{state.total} workers replaced"
     if state.where and state.state == ROLLING:
@@ -120,7 +120,7 @@ def roll_master(
         raise RollFailed(f"process {pid} is no longer a jobqd master")
     if before.state in (CHECKING, ROLLING):
         raise RollFailed(
-            f"master {pid} on {host} is already rolling ({_progress(pid, before)}): wait for "
+            f"master {pid} on {host} is already rolling ({_progress(before)}): wait for "
             "it to end (`jobqctl status`), then roll again"
         )
     try:
@@ -139,9 +139,9 @@ def roll_master(
         if state is None:
             raise RollFailed(f"master {pid} on {host} exited during its roll: see its log")
         if state.number > before.number:
-            line = _progress(pid, state)
+            line = _progress(state)
             if line != said and state.state in (CHECKING, ROLLING):
-                note(f"{host} {line}")
+                note(f"{host} master {pid}: {line}")
                 said = line
             if state.state in (DONE, FAILED):
                 outcome = Outcome(
@@ -158,7 +158,7 @@ def roll_master(
                     raise RollFailed(_failure(outcome))
                 return outcome
         if clock() - began >= timeout:
-            where = _progress(pid, state) if state.number > before.number else "no answer"
+            where = _progress(state) if state.number > before.number else "no answer yet"
             raise RollFailed(
                 f"master {pid} on {host} did not finish its roll within {timeout:g}s ({where}); "
                 "it goes on: follow it in `jobqctl status` or the daemon's log"
