@@ -27,6 +27,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd import config as config_module
 from jobqd.cli import output
+from jobqd.cli import roll as rolling
 from jobqd.config.durations import format_duration, parse_duration
 from jobqd.config.settings import DatabaseHealthSettings, QueueSettings
 from jobqd.errors import (
@@ -46,6 +47,8 @@ SYSTEM_CONFIG = Path(config_module.DEFAULT_CONFIG)
 WATCH_INTERVAL = 2.0
 DEFAULT_WAIT = 5.0
 """Seconds a command keeps trying to reach the database before it gives up (--wait)."""
+ROLL_TIMEOUT = 300.0
+"""Seconds `jobqctl roll` waits for each daemon's roll (--timeout)."""
 RETRY_FIRST = 0.5
 RETRY_CAP = 5.0
 _TRANSIENT_REFUSALS = (
@@ -388,6 +391,7 @@ def _status_text(document: dict[str, Any]) -> str:
             f"crash loop: {loop['host']} {loop['child']}: {loop['crash_loop']} "
             f"(last: {loop['last_exit']}; {loop['restarts']} restarts): see that node's log"
         )
+    parts += [_roll_line(entry) for entry in document.get("rolls") or ()]
     leader = document["leader"]
     if leader is None:
         parts.append("leader: none (no maintenance process holds the leader lock)")
@@ -398,6 +402,30 @@ def _status_text(document: dict[str, Any]) -> str:
             f"leader: database backend {leader.get('backend_pid')} (process not registered)"
         )
     return "\n".join(parts)
+
+
+def _roll_line(entry: dict[str, Any]) -> str:
+    """A node whose roll is under way or stopped halfway (admin.rolls)."""
+    node = f"roll: {entry['host']} master {entry['master_pid']}"
+    workers = {int(n): count for n, count in entry["workers"].items()}
+    newest = max(workers, default=0)
+    older = sum(count for n, count in workers.items() if n < newest)
+    roll = entry["roll"]
+    if roll and roll.get("state") in ("checking", "rolling"):
+        doing = ", ".join(roll.get("replacing") or ()) or "-"
+        return (
+            f"{node}: roll {roll['number']} {roll['state']}, {roll['replaced']}/{roll['total']}"
+            f" workers replaced (replacing: {doing})"
+        )
+    if roll and roll.get("state") == "failed":
+        return (
+            f"{node}: roll {roll['number']} stopped: {roll.get('error')}; {older} worker(s) "
+            "still run earlier code: fix it and `jobqctl roll` again on that host"
+        )
+    return (
+        f"{node}: {workers.get(newest, 0)} worker(s) run roll {newest}'s code, {older} earlier "
+        "code (a roll is under way or stopped: see that node's log)"
+    )
 
 
 def _unhandled_lines(groups: Iterable[dict[str, Any]]) -> list[str]:
@@ -986,6 +1014,27 @@ def cmd_psql(ctx: Context, args: argparse.Namespace) -> NoReturn:
         raise CtlError(EXIT_FAILURE, f"cannot run {program}: {exc.strerror or exc}") from None
 
 
+def cmd_roll(ctx: Context, args: argparse.Namespace) -> int:
+    """Roll new task code through the workers of this host's masters (jobqd.cli.roll)."""
+    grace = ctx.settings.reaper.process_grace if ctx.settings else admin.DEFAULT_STALE_AFTER
+    listed = admin.processes(ctx.conn, ctx.schema, stale_after=grace)
+    ctx.close()  # nothing more to ask the database while the roll runs
+    try:
+        outcomes = rolling.roll_host(listed, timeout=args.timeout, note=ctx.note)
+    except rolling.RollFailed as exc:
+        raise CtlError(EXIT_FAILURE, str(exc)) from None
+
+    def human() -> str:
+        return "\n".join(
+            f"{o.host} master {o.master_pid}: roll {o.roll} done: {o.replaced} worker(s) "
+            f"replaced in {o.seconds:.1f}s"
+            for o in outcomes
+        )
+
+    ctx.emit({"masters": [o.document() for o in outcomes]}, human)
+    return EXIT_OK
+
+
 # -- the command line ------------------------------------------------------------------------
 
 
@@ -1089,6 +1138,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = command("psql", cmd_psql, "open psql on the database (arguments after -- go to psql)")
     p.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="-- PSQL-ARGUMENTS")
+    p = command("roll", cmd_roll, "replace every worker on this host's daemons with new code")
+    p.add_argument(
+        "--timeout",
+        type=_duration,
+        default=ROLL_TIMEOUT,
+        metavar="DURATION",
+        help=f"give up waiting for a daemon's roll after this long (default {ROLL_TIMEOUT:g}s)",
+    )
     return parser
 
 

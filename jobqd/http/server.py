@@ -406,14 +406,19 @@ def _children_problem(health: dict[str, Any] | None) -> str | None:
 
 def node_health(health: dict[str, Any]) -> dict[str, Any]:
     """What this child writes into its jobqd.processes row about the node: the master's
-    pid-free view of each child (restarts, crash loop, last exit) and what it waits for."""
+    pid-free view of each child (restarts, crash loop, last exit), what it waits for and its
+    last roll (jobqd.daemon.roll)."""
     keys = ("role", "queue", "booted", "restarts", "crash_looping", "crash_loop", "last_exit")
     children = {
         name: {key: child.get(key) for key in keys}
         for name, child in (health.get("children") or {}).items()
         if isinstance(child, dict)
     }
-    return {"children": children, "preparing": health.get("preparing") or None}
+    return {
+        "children": children,
+        "preparing": health.get("preparing") or None,
+        "roll": health.get("roll"),
+    }
 
 
 def _enqueue_arguments(body: Any) -> dict[str, Any]:

@@ -335,6 +335,7 @@ class Worker(ChildProcess):
             self._close()
             log.info("worker stopped before it could start", extra=self.fields())
             return self._exit_code
+        self._set_title()  # a booted worker's title shows its slots: ps tells it from a booting one
         self.send_booted()
         log.info(
             "worker started: %d slots, lease %.0fs",
@@ -434,9 +435,13 @@ class Worker(ChildProcess):
         self._next_poll = now
         next_status = now
         next_listen_retry = now + _RECONNECT_PAUSE
+        said_draining = False
         while True:
             now = time.monotonic()
             self.master_gone()
+            if self.stopping is not Stopping.NO and not said_draining:
+                said_draining = True
+                self._set_title()
             if self.stopping is Stopping.FAST or (
                 self.stopping is Stopping.DRAIN and now >= self._drain_deadline
             ):
@@ -700,9 +705,11 @@ class Worker(ChildProcess):
     # -- reporting ------------------------------------------------------------------------
 
     def _set_title(self) -> None:
+        """`worker emails#0 3/8`, and ` draining` once it claims no more (a stop, a roll)."""
+        draining = " draining" if self.stopping is not Stopping.NO else ""
         self.on_title(
             f"worker {self.config.queue}#{self.config.index} "
-            f"{self.inflight.busy}/{self.config.concurrency}"
+            f"{self.inflight.busy}/{self.config.concurrency}{draining}"
         )
 
     def _report_status(self) -> None:
