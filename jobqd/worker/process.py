@@ -46,7 +46,7 @@ from jobqd.store.connections import RoundTripWatchdog, connect, subscribe
 from jobqd.store.sql import int_array, queries
 from jobqd.tasks import Job, Registry, end_programs
 from jobqd.worker.completer import Completer
-from jobqd.worker.executor import QUEUED, Executor, Policy, claimed_job
+from jobqd.worker.executor import QUEUED, Executor, Policy, claimed_job, queue_waits
 from jobqd.worker.inflight import LEASE_LOST, InFlight
 from jobqd.worker.leases import LocalLeases
 from jobqd.worker.outage import UNREACHABLE, Outage
@@ -582,6 +582,7 @@ class Worker(ChildProcess):
             self._ready.put(job)
         for task, n in claimed.items():
             self.metrics.jobs_started.inc(queue, self.registry.metric_label(task), amount=n)
+        self.metrics.queue_wait.observe_many(queue_waits(rows), queue)
 
     def _slot(self) -> None:
         while True:
@@ -708,6 +709,7 @@ class Worker(ChildProcess):
     def _report_status(self) -> None:
         busy = self.inflight.busy
         self.metrics.workers_busy.set(busy, self.config.queue)
+        self.metrics.workers_slots.set(self.config.concurrency, self.config.queue)
         if self.sender is not None:
             self.send(
                 Status(

@@ -90,7 +90,7 @@ def test_a_poison_job_ends_dead_naming_the_exit_and_the_crash_loop_shows(jobqd, 
     assert code == 503 and "crash-looping: worker default#0" in body["error"], body
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         metrics = response.read().decode()
-    assert 'jobqd_child_crash_looping{role="worker",queue="default"} 1' in metrics
+    assert 'jobqd_child_crash_looping{role="worker",queue="default"} 1.0' in metrics
     text = subprocess.run(
         [sys.executable, "-m", "jobqd.cli.ctl", "--dsn", ledger, "status"],
         capture_output=True,
