@@ -86,7 +86,7 @@ def become_child(
     if os.getppid() != master_pid:  # the master died before the death signal was armed
         os._exit(0)
     sdnotify.clear_environment()
-    setup_logging(log_format, log_level, role=role)
+    setup_logging(log_format, log_level, role=role, name=title)
     set_title(title)
 
 
