@@ -259,14 +259,14 @@ class Histogram(_Family):
             raise self._wrong_arity(labels)
         if not values:
             return
-        bounds = self.buckets
+        bounds, find, total = self.buckets, bisect.bisect_left, sum(values)
         with self._lock:
             row = self._values.get(labels)
             if row is None:
                 row = self._values[labels] = [0] * self._width + [0.0]
             for value in values:
-                row[bisect.bisect_left(bounds, value)] += 1
-                row[-1] += value
+                row[find(bounds, value)] += 1
+            row[-1] += total
 
     def _take(self) -> list[list[Any]]:
         return [[labels, row[:-1], row[-1]] for labels, row in super()._take()]

@@ -97,7 +97,7 @@ def queue_waits(rows: list[tuple[Any, ...]]) -> list[float]:
     The claim returns no `run_at`, so a job's due time is taken as its `created_at`, which is
     right only for the first attempt of a job enqueued without a delay: retries (their
     created_at is attempts ago) are left out, and a delayed job's wait includes its delay."""
-    return [max(0.0, row[7] - row[6]) for row in rows if row[3] == 1]
+    return [wait if (wait := row[7] - row[6]) > 0 else 0.0 for row in rows if row[3] == 1]
 
 
 def _encode_result(value: Any) -> str | None:
