@@ -80,7 +80,9 @@ def test_metrics_counters_match_the_ledger(nodes, ledger):
         status, text = get(base + "/metrics")
         found = counters(text) if status == 200 else {}
         started = found.get("jobqd_jobs_started_total", {})
-        return found if sum(started.values()) == attempts else None
+        # The database gauges come from the leader's node only: wait for it to lead too.
+        leads = found.get("jobqd_leader", {}).get("") == 1
+        return found if sum(started.values()) == attempts and leads else None
 
     found = wait_for(settled, timeout=15, what="/metrics to count every attempt")
     assert found["jobqd_jobs_started_total"]["test.record"] == 200
