@@ -219,7 +219,7 @@ class Histogram(_Family):
     """Observations counted into fixed buckets, plus their sum.
 
     A sample is ``[count per bucket..., count above the last bucket, sum]``, not cumulative,
-    so that deltas add up; :meth:`render` makes the counts cumulative.
+    so that deltas add up; the exposition makes the counts cumulative.
     """
 
     kind = "histogram"
