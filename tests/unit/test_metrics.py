@@ -288,3 +288,15 @@ def test_concurrent_increments_are_not_lost():
     samples = _samples(_text(store))
     assert samples[("jobqd_jobs_started_total", (("queue", "q"), ("task", "t")))] == 80_000
     assert samples[("jobqd_job_duration_seconds_count", (("queue", "q"), ("task", "t")))] == 80_000
+
+
+def test_queue_waits_count_first_attempts_on_the_database_clock():
+    from jobqd.worker.executor import queue_waits
+
+    # id, task, args, attempt, max_attempts, token, created_at, started_at (epoch seconds)
+    rows = [
+        (1, "t", "{}", 1, None, 11, 100.0, 100.25),
+        (2, "t", "{}", 3, None, 12, 50.0, 100.25),  # a retry: created attempts ago, left out
+        (3, "t", "{}", 1, None, 13, 100.5, 100.25),  # claimed in a transaction begun earlier
+    ]
+    assert queue_waits(rows) == [0.25, 0.0]
