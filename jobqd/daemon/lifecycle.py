@@ -104,7 +104,7 @@ def become_child(
         os._exit(0)
     sdnotify.clear_environment()
     _lineage.update(master_pid=master_pid, generation=generation)
-    setup_logging(log_format, log_level, role=role)
+    setup_logging(log_format, log_level, role=role, name=title)
     set_title(title)
 
 

@@ -89,6 +89,7 @@ def health(
         entries[spec.name] = {
             "role": spec.kind,
             "queue": spec.queue,
+            "index": spec.index,
             "pid": child.pid if child else None,
             "booted": bool(child and child.booted),
             "started_at": child.started_wall if child else None,

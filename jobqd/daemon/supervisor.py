@@ -34,7 +34,7 @@ Master -> http child messages, on the pipe whose read end is the http child's `f
   MetricStore) and
   `{"kind": "health", "master_alive_at": <unix time>, "preparing": <why the workers are not
   started yet, "" once prepared>, "ready": bool, "stopping": bool, "status": <the STATUS=
-  line>, "children": {<name>: {"role", "queue", "pid", "booted", "started_at", "busy",
+  line>, "children": {<name>: {"role", "queue", "index", "pid", "booted", "started_at", "busy",
   "concurrency", "leader", "restarts", "crash_looping", "crash_loop", "last_exit"}}, "roll":
   <the last roll: jobqd.daemon.roll.Roll.document(), null before any>}` where `pid` is null
   for a child waiting to be restarted.

@@ -46,8 +46,9 @@ from jobqd.store.connections import RoundTripWatchdog, connect, subscribe
 from jobqd.store.sql import int_array, queries
 from jobqd.tasks import Job, Registry, end_programs
 from jobqd.worker.completer import Completer
-from jobqd.worker.executor import QUEUED, Executor, Policy, claimed_job
+from jobqd.worker.executor import QUEUED, Executor, Policy, claimed_job, queue_waits
 from jobqd.worker.inflight import LEASE_LOST, InFlight
+from jobqd.worker.joblog import JobLog
 from jobqd.worker.leases import LocalLeases
 from jobqd.worker.outage import UNREACHABLE, Outage
 
@@ -84,6 +85,7 @@ class WorkerConfig:
     completion_batch: int
     completion_interval: float
     events: bool | None
+    log_jobs: bool
     shutdown_timeout: float
     statement_timeout: float
     # (process id, how it died) of this queue's workers the master saw die
@@ -134,6 +136,7 @@ class WorkerConfig:
             completion_batch=q.completion_batch,
             completion_interval=q.completion_interval,
             events=q.events,
+            log_jobs=q.log_jobs,
             shutdown_timeout=settings.shutdown_timeout,
             statement_timeout=settings.database.statement_timeout,
             index=index,
@@ -181,7 +184,8 @@ class Worker(ChildProcess):
         self.metric_store = MetricStore()
         self.metrics = define_jobqd_metrics(self.metric_store)
         self.inflight = InFlight(config.concurrency)
-        self.completer = Completer(self.sql, config.queue, self.metrics, registry)
+        self.joblog = JobLog(config.log_jobs)
+        self.completer = Completer(self.sql, config.queue, self.metrics, registry, self.joblog)
         self._ready: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
 
         self._exit_code = 0
@@ -585,8 +589,10 @@ class Worker(ChildProcess):
         for job in jobs:
             claimed[job.task] += 1
             self._ready.put(job)
+        self.joblog.started(jobs)
         for task, n in claimed.items():
             self.metrics.jobs_started.inc(queue, self.registry.metric_label(task), amount=n)
+        self.metrics.queue_wait.observe_many(queue_waits(rows), queue)
 
     def _slot(self) -> None:
         while True:
@@ -715,6 +721,7 @@ class Worker(ChildProcess):
     def _report_status(self) -> None:
         busy = self.inflight.busy
         self.metrics.workers_busy.set(busy, self.config.queue)
+        self.metrics.workers_slots.set(self.config.concurrency, self.config.queue)
         if self.sender is not None:
             self.send(
                 Status(

@@ -706,6 +706,7 @@ def test_health_has_one_entry_per_spec_and_none_pid_while_waiting():
     assert a0 == {
         "role": "worker",
         "queue": "a",
+        "index": 0,
         "pid": 100,
         "booted": True,
         "started_at": kids[0].started_wall,
@@ -717,6 +718,7 @@ def test_health_has_one_entry_per_spec_and_none_pid_while_waiting():
         "crash_loop": None,
         "last_exit": None,
     }
+    assert a1["index"] == 1
     assert a1["pid"] is None and a1["busy"] == 0 and a1["restarts"] == 4 and a1["crash_looping"]
     assert m["leader"] is True and m["booted"] is False
 
@@ -750,6 +752,21 @@ def test_prepare_waits_with_backoff_and_says_why_until_the_database_answers():
     assert all(m["state"].startswith("waiting for the database: cannot connect") for m in said)
 
 
+def crash_looping(master, role: str, queue: str) -> float:
+    """The master's jobqd_child_crash_looping sample for (role, queue)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = master.metric_store.exposition()[0].decode()
+    [value] = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "jobqd_child_crash_looping"
+        and sample.labels == {"role": role, "queue": queue}
+    ]
+    return value
+
+
 def test_deaths_after_boot_in_the_window_are_a_crash_loop_that_ages_out(master, processes, clock):
     from jobqd.daemon.children import CRASH_LOOP_WINDOW
 
@@ -762,7 +779,7 @@ def test_deaths_after_boot_in_the_window_are_a_crash_loop_that_ages_out(master, 
     restarts = master.restarts[worker.spec.ident]
     assert restarts.crash_looping and restarts.last_exit == "exit status 1"
     master._check_crash_loops(clock.now)
-    assert 'jobqd_child_crash_looping{role="worker",queue="a"} 1' in master.metric_store.render()
+    assert crash_looping(master, "worker", "a") == 1
     health = master.health()["children"]["worker a#0"]
     assert health["crash_looping"] and "after it had booted" in health["crash_loop"]
 
@@ -771,7 +788,7 @@ def test_deaths_after_boot_in_the_window_are_a_crash_loop_that_ages_out(master, 
     clock.advance(CRASH_LOOP_WINDOW)
     master._check_crash_loops(clock.now)
     assert not restarts.crash_looping
-    assert 'jobqd_child_crash_looping{role="worker",queue="a"} 0' in master.metric_store.render()
+    assert crash_looping(master, "worker", "a") == 0
 
 
 def test_a_worker_killed_for_silence_hands_on_that_reason(master, processes, clock):
