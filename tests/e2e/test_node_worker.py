@@ -178,7 +178,8 @@ def test_node_worker_beside_python_workers(jobqd, ledger, example, tmp_path):
             r[0]
             for r in conn.execute(
                 "SELECT jobqd.enqueue('shared', 'example.work',"
-                " jsonb_strip_nulls(jsonb_build_object('ms', 20, 'fail_once', g %% 20 = 0,"
+                " jsonb_strip_nulls(jsonb_build_object("
+                "  'ms', CASE WHEN g %% 40 = 10 THEN 1500 ELSE 20 END, 'fail_once', g %% 20 = 0,"
                 "  'not_before', CASE WHEN g %% 50 = 25 THEN %s::float8 + 1 END)))"
                 " FROM generate_series(1, 1000) g ORDER BY g",
                 (epoch,),
@@ -207,14 +208,20 @@ def test_node_worker_beside_python_workers(jobqd, ledger, example, tmp_path):
             what="node-1 to run 50 of the jobs",
         )
         holder = holder_seen(conn, "node-1")[0]
-        wait_for(
+        # One of the 1.5 s jobs that node-1 started (its ledger row is there) under a second
+        # ago: the kill interrupts work under way.
+        interrupted = wait_for(
             lambda: one(
-                "SELECT count(*) FROM jobqd.jobs WHERE locked_by = %s AND state = 'running'",
-                (holder,),
-            )[0],
-            what="node-1 to hold jobs",
+                "SELECT j.id FROM jobqd.jobs j JOIN public.ledger l ON l.job_id = j.id"
+                " AND l.attempt = j.attempt AND l.pid = %s"
+                " WHERE j.locked_by = %s AND j.state = 'running' AND j.args->>'ms' = '1500'"
+                " AND l.at > clock_timestamp() - interval '1 second' LIMIT 1",
+                (n1.proc.pid, holder),
+            ),
+            timeout=30,
+            what="node-1 to be running a job",
             interval=0.005,
-        )
+        )[0]
         n1.proc.send_signal(signal.SIGKILL)
         n1.proc.wait()
         nodes.append(NodeWorker(example, dsn, "node-2", tmp_path / "node-2.log"))
@@ -257,8 +264,10 @@ def test_node_worker_beside_python_workers(jobqd, ledger, example, tmp_path):
                 assert all(at.timestamp() >= args["not_before"] for _, _, at in runs[job_id])
             else:
                 assert attempt == 1 or job_id in reaped
-        # The killed worker's jobs ran again elsewhere.
-        assert any(pid == n1.proc.pid for i in reaped for _, pid, _ in runs[i])
+        # The job the kill interrupted ran again elsewhere, on its next attempt.
+        assert interrupted in reaped
+        (cut, _, _), (again, pid, _) = runs[interrupted][-2:]
+        assert runs[interrupted][-2][1] == n1.proc.pid and pid != n1.proc.pid and again == cut + 1
         node_pids = {n.proc.pid for n in nodes}
         by_node = sum(pid in node_pids for r in runs.values() for _, pid, _ in r)
         by_python = sum(pid not in node_pids for r in runs.values() for _, pid, _ in r)
