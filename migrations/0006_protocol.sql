@@ -104,9 +104,9 @@ $$;
 -- The one definition of a claim: due jobs of one unpaused queue, in claim order, each with a
 -- fresh lease token, its attempt counted, held by `holder` (a processes id).
 --
--- Planned once per session (plan_cache_mode): the inline statement it replaces was planned
--- anew on every call, and the claim took 3.5 ms against 2.6 ms now (bench/claim_pgbench.sh,
--- claim 50). The one right plan is index scans: jobs_claim in claim order, then the primary
+-- Planned once per session (plan_cache_mode): replanning the claim on every call, as the
+-- inline statement it replaces was, cost about a third of its time (pgbench, claim 50 +
+-- complete 50). The one right plan is index scans: jobs_claim in claim order, then the primary
 -- key for the picked ids. A plan made once must not depend on the statistics of its day (a
 -- plan made on an empty table would scan the whole table for ever after), so sequential and
 -- bitmap scans are ruled out, and the picked ids go through an array so that the plan, which
