@@ -38,7 +38,8 @@ log = logging.getLogger("jobqd.master")
 _PASSWORD = re.compile(r"://[^\s:/@]+:(?!\$\{)[^\s@]+@|password\s*=\s*(?!\$\{)\S", re.I)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; jobqd.cli.manual renders jobqd(8) from it."""
     parser = argparse.ArgumentParser(
         prog="jobqd",
         description="Run the jobqd daemon: a master process that supervises worker, "
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
     if args.config:
         hint = ""
