@@ -24,8 +24,10 @@ from jobqd.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_UNREACHABLE,
+    EXIT_USAGE,
     DatabaseUnavailable,
 )
+from jobqd.observe import healthfile
 from jobqd.observe.logs import setup_logging
 
 DEFAULT_CONFIG = "/etc/jobqd.yaml"
@@ -61,12 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not apply database migrations at start (same as database.migrate: false)",
     )
+    parser.add_argument(
+        "--health",
+        action="store_true",
+        help=f"for container health checks, needing no config: exit 0 if the master that "
+        f"${healthfile.ENV} names rewrote that file in the last {healthfile.MAX_AGE:g}s "
+        "and is alive, else 1",
+    )
     parser.add_argument("--version", action="version", version=f"jobqd {__version__}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.health:
+        return health()
     path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
     if args.config:
         hint = ""
@@ -77,6 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return check(path, hint)
     return start(path, hint, migrate=not args.no_migrate)
+
+
+def health() -> int:
+    """`jobqd --health`: one line saying whether the master is alive and turning."""
+    path = os.environ.get(healthfile.ENV)
+    if not path:
+        print(f"jobqd: set {healthfile.ENV} (the daemon's too) to use --health", file=sys.stderr)
+        return EXIT_USAGE
+    verdict = healthfile.check(Path(path))
+    print(f"jobqd: {verdict.message}", file=sys.stdout if verdict.healthy else sys.stderr)
+    return EXIT_OK if verdict.healthy else EXIT_FAILURE
 
 
 def check(path: str, hint: str = "") -> int:

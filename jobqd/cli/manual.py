@@ -45,6 +45,8 @@ _DAEMON_SECTIONS = {
         "JOBQD_CONFIG: the configuration file when -c is not given.",
         "JOBQD_DATABASE_URL: the database when the file does not name one (database.url).",
         "JOBQD_HTTP_TOKEN: the bearer token of the HTTP API (http.token_env names it).",
+        "JOBQD_HEALTH_FILE: a file the master rewrites every few seconds and removes when it "
+        "stops, read by --health (the container image sets /run/jobqd/health).",
         "NOTIFY_SOCKET, WATCHDOG_USEC: set by systemd for Type=notify and WatchdogSec=.",
     ],
     "FILES": [
