@@ -39,8 +39,15 @@ for tool, package in (
 
 
 def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`args` run from /, so that no jobqd source tree is on a `python -c`'s path."""
     return subprocess.run(
-        [str(a) for a in args], capture_output=True, text=True, env=env, check=False, timeout=300
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        check=False,
+        timeout=300,
     )
 
 
@@ -129,7 +136,7 @@ def test_maintainer_scripts_start_nothing(control: Path) -> None:
     assert re.search(r'if \[ -n "\$2" \]; then\s+deb-systemd-invoke try-restart', postinst)
     # Stopped on removal, not on upgrade; purge forgets the secrets file it made.
     assert re.search(r'"\$1" = remove .*\n\s+deb-systemd-invoke stop jobqd.service', prerm)
-    assert "systemctl stop 'jobqd@*.service'" in prerm
+    assert "deb-systemd-invoke stop 'jobqd@*.service'" in prerm
     assert not (control / "preinst").exists() or "stop" not in (control / "preinst").read_text()
     assert "rm -f /etc/jobqd/jobqd.env" in postrm
     assert "userdel" not in postrm and "deluser" not in postrm
@@ -145,7 +152,7 @@ def test_lintian_passes(deb: Path) -> None:
 
 def test_the_unpacked_tree_runs(root: Path, tmp_path: Path) -> None:
     python = root / "opt/jobqd/bin/python"
-    where = run(python, "-c", "import jobqd, psycopg, sys; print(jobqd.__file__, sys.prefix)")
+    where = run(python, "-c", "import jobqd, sys; print(jobqd.__file__, sys.prefix)", env=CLEAN_ENV)
     assert where.stdout.split() == [str(root / SITE / "jobqd/__init__.py"), str(root / "opt/jobqd")]
     # The wheels' compiled parts survived dh_strip.
     native = run(
