@@ -1,6 +1,6 @@
 """`jobqd --health` (the container HEALTHCHECK) against a real master: healthy while it turns
 its loop, unhealthy when it is frozen, stopped or killed, whatever its config says about
-http.listen (this one sets none)."""
+http.listen (this one sets none). A killed master's leftover file: tests/unit/test_healthfile.py."""
 
 from __future__ import annotations
 
@@ -54,16 +54,3 @@ def test_health_follows_the_master(jobqd, tmp_path: Path) -> None:
     stopped = health(daemon.env)
     assert stopped.returncode == 1
     assert stopped.stderr == f"jobqd: no health file {path}: jobqd is not running (or stopped)\n"
-
-
-def test_a_killed_master_is_unhealthy(jobqd, tmp_path: Path) -> None:
-    path = tmp_path / "health"
-    daemon: Daemon = jobqd(env={healthfile.ENV: str(path)})
-    wait_for(
-        lambda: healthfile.check(path).healthy, timeout=60, interval=0.5, what="a healthy master"
-    )
-    daemon.signal(signal.SIGKILL)
-    daemon.wait(60)
-    answer = health(daemon.env)
-    assert answer.returncode == 1
-    assert answer.stderr.startswith(f"jobqd: the master (pid {daemon.pid}) is gone; ")
