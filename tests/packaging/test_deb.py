@@ -239,3 +239,59 @@ def test_installed_man_pages_render(root: Path) -> None:
         assert (rendered.returncode, rendered.stderr) == (0, ""), page.name
         assert "jobqd" in rendered.stdout
     assert sys.version_info >= (3, 11)
+
+
+def can_overlay() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = run("unshare", "--mount", "sh", "-c", "mount -t tmpfs probe /mnt")
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not can_overlay(), reason="needs root and mount namespaces (unshare -m)")
+def test_install_remove_purge(deb: Path, tmp_path: Path) -> None:
+    """dpkg -i, -r and -P for real, in a mount namespace over tmpfs overlays (the script says
+    how): the user and directories appear, the unit is enabled and nothing started, the
+    installed commands run by their own shebangs; removal keeps the edited conffile, purge
+    takes it and the env file, and the user stays. Then once more without systemd-sysusers
+    and systemd-tmpfiles: adduser makes the same user."""
+    scratch = tmp_path / "namespace"
+    scratch.mkdir()
+    script = Path(__file__).with_name("install_in_namespace.sh")
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", str(script), scratch, deb],
+        capture_output=True,
+        text=True,
+        env={**CLEAN_ENV, "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+        cwd="/",
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    found = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert found == {
+        "user": "jobqd:/var/lib/jobqd:/usr/sbin/nologin",
+        "group": "jobqd",
+        "env_file": "640 root jobqd",
+        "etc_dir": "750 root jobqd",
+        "state_dir": "750 jobqd jobqd",
+        "enabled": "/lib/systemd/system/jobqd.service",
+        "template_enabled": "0",
+        "running": "0",
+        "version": f"jobqctl {VERSION}",
+        "check": "/etc/jobqd.yaml: configuration ok",
+        "bytecode": found["bytecode"],
+        "man": "/usr/share/man/man5/jobqd.yaml.5.gz",
+        "removed_venv": "yes",
+        "removed_bin": "yes",
+        "kept_conffile": "# a local edit of the conffile",
+        "kept_env_file": "yes",
+        "purged_conffile": "yes",
+        "purged_env_file": "yes",
+        "purged_enabled": "yes",
+        "kept_user": "jobqd",
+        "fallback_user": "jobqd:/var/lib/jobqd:/usr/sbin/nologin",
+        "fallback_state_dir": "750 jobqd jobqd",
+        "fallback_env_file": "640 root jobqd",
+    }
+    assert int(found["bytecode"]) > 100  # postinst compiled the venv
