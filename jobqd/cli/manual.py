@@ -251,17 +251,10 @@ def render_jobqctl() -> str:
 
 
 def _setting_line(setting: reference.Setting) -> str:
-    if setting.section:
-        shown = (
-            setting.kind
-            if setting.default is None
-            else f"{setting.kind}; default {setting.default}"
-        )
-    elif setting.default is None:
-        shown = f"{setting.kind}; required"
-    else:
-        shown = f"{setting.kind}; default {setting.default}"
-    return shown
+    """`kind; default X`, `kind; required`, or a section's bare kind."""
+    if setting.default is not None:
+        return f"{setting.kind}; default {setting.default}"
+    return setting.kind if setting.section else f"{setting.kind}; required"
 
 
 def render_config() -> str:

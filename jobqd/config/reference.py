@@ -222,7 +222,7 @@ def _default(key: str, field: dataclasses.Field[Any], read: Callable[..., Any]) 
     if field.default is MISSING and field.default_factory is MISSING:
         return None
     value = field.default if field.default is not MISSING else field.default_factory()
-    maker = read.__qualname__.split(".")[0] if read else ""
+    maker = read.__qualname__.split(".")[0]
     if value is None:
         return "null"
     if isinstance(value, bool):
