@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jobqd.cli import ctl, daemon, manual
 from jobqd.config import reference
@@ -90,3 +91,22 @@ def test_version_comes_from_the_package_metadata(capsys: pytest.CaptureFixture[s
             main(["--version"])
         assert stopped.value.code == 0
         assert capsys.readouterr().out == f"{name} {version}\n"
+
+
+def test_the_commented_reference_file_names_every_setting() -> None:
+    """etc/jobqd.yaml (installed as /etc/jobqd.yaml) shows every key with its default; its
+    tasks and cron entries are comments, since an empty file must stay valid."""
+    document = yaml.safe_load((ROOT / "etc" / "jobqd.yaml").read_text(encoding="utf-8"))
+    missing = []
+    for key in reference.dotted_keys():
+        if key.startswith(("tasks.", "cron.")):
+            continue
+        node = document
+        for part in key.replace("*", "default").split("."):
+            if node is None:  # an optional section left unset (aging: null), its keys shown
+                break
+            if not isinstance(node, dict) or part not in node:
+                missing.append(key)
+                break
+            node = node[part]
+    assert missing == []
