@@ -251,10 +251,11 @@ def can_overlay() -> bool:
 @pytest.mark.skipif(not can_overlay(), reason="needs root and mount namespaces (unshare -m)")
 def test_install_remove_purge(deb: Path, tmp_path: Path) -> None:
     """dpkg -i, -r and -P for real, in a mount namespace over tmpfs overlays (the script says
-    how): the user and directories appear, the unit is enabled and nothing started, the
-    installed commands run by their own shebangs; removal keeps the edited conffile, purge
-    takes it and the env file, and the user stays. Then once more without systemd-sysusers
-    and systemd-tmpfiles: adduser makes the same user."""
+    how): the user and directories appear, the unit is enabled (that nothing starts it is
+    test_maintainer_scripts_start_nothing's), the installed commands run by their own
+    shebangs; removal keeps the edited conffile, purge takes it and the env file, and the
+    user stays. Then once more without systemd-sysusers and systemd-tmpfiles: adduser makes
+    the same user."""
     scratch = tmp_path / "namespace"
     scratch.mkdir()
     script = Path(__file__).with_name("install_in_namespace.sh")
@@ -277,7 +278,6 @@ def test_install_remove_purge(deb: Path, tmp_path: Path) -> None:
         "state_dir": "750 jobqd jobqd",
         "enabled": "/lib/systemd/system/jobqd.service",
         "template_enabled": "0",
-        "running": "0",
         "version": f"jobqctl {VERSION}",
         "check": "/etc/jobqd.yaml: configuration ok",
         "bytecode": found["bytecode"],
