@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from jobqd import __version__, config, tasks
-from jobqd.config import yamlload
+from jobqd.cli import starter
+from jobqd.config import CONFIG_ENV, DEFAULT_CONFIG, yamlload
 from jobqd.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -29,9 +30,6 @@ from jobqd.errors import (
 )
 from jobqd.observe import healthfile
 from jobqd.observe.logs import setup_logging
-
-DEFAULT_CONFIG = "/etc/jobqd.yaml"
-CONFIG_ENV = "JOBQD_CONFIG"
 
 log = logging.getLogger("jobqd.master")
 
@@ -70,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"${healthfile.ENV} names rewrote that file in the last {healthfile.MAX_AGE:g}s "
         "and is alive, else 1",
     )
+    parser.add_argument(
+        "--init",
+        metavar="DIR",
+        help=f"write a starter into DIR: a commented config ({starter.CONFIG}) and an example "
+        f"tasks module ({starter.MODULE}.py) that run at once; never overwrites a file",
+    )
     parser.add_argument("--version", action="version", version=f"jobqd {__version__}")
     return parser
 
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.health:
         return health()
+    if args.init:
+        return starter.init(args.init)
     path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
     if args.config:
         hint = ""
@@ -132,7 +138,7 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
 
     for index, module in enumerate(settings.imports):
         try:
-            tasks.import_modules([module])
+            tasks.import_modules([module], settings.import_path())
         except ImportError as exc:
             error(("imports", index), str(exc))
     tasks.register_commands(settings.tasks, grace=0.0)  # looked up here, never run

@@ -37,6 +37,9 @@ TEXT: dict[str, str] = {
     "database.application_name": "The prefix of each session's name in pg_stat_activity.",
     "imports": "Modules whose `@task` functions register, e.g. `[myapp.tasks]`; `jobqd --check` "
     "imports them.",
+    "pythonpath": "Directories where `imports:` are looked for first, before the working "
+    "directory, the config file's directory and the installed packages; a relative one is "
+    "taken from the config file's directory.",
     "shutdown_timeout": "On SIGTERM, running jobs get this long to finish; the rest are "
     "released to their queues. Stop timeouts around the daemon (systemd's TimeoutStopSec, "
     "Kubernetes' terminationGracePeriodSeconds, `docker stop -t`) must exceed it by a few "
@@ -189,6 +192,7 @@ def _kind(key: str, read: Callable[..., Any], nullable: bool) -> str:
         "_timezone": "time zone name",
         "_schedule": "cron expression",
         "_modules": "list of module names",
+        "_directories": "list of directories",
         "_command": "list of strings",
         "_environment": "mapping of names to strings",
         "_args": "mapping (JSON values)",
