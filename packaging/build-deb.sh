@@ -19,6 +19,7 @@ fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/jobqd-deb.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
 tree="$work/jobqd-$version"
 mkdir "$tree"
 if git -C "$src" rev-parse --git-dir >/dev/null 2>&1; then

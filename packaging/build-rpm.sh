@@ -12,6 +12,7 @@ out=$(realpath -m "${1:-$src/dist}")
 version=$(/usr/bin/python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "$src/pyproject.toml")
 work=$(mktemp -d "${TMPDIR:-/tmp}/jobqd-rpm.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
 mkdir -p "$work/SOURCES" "$work/stage/jobqd-$version"
 if git -C "$src" rev-parse --git-dir >/dev/null 2>&1; then
 	git -C "$src" ls-files -z --cached --others --exclude-standard \
