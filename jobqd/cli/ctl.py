@@ -25,6 +25,7 @@ from typing import Any, NoReturn, TextIO
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from jobqd import __version__
 from jobqd import config as config_module
 from jobqd.cli import output
 from jobqd.cli import roll as rolling
@@ -1056,6 +1057,7 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line; jobqd.cli.manual renders jobqctl(1) from it."""
     parser = argparse.ArgumentParser(
         prog="jobqctl",
         description="Look at jobqd's queues and act on them.",
@@ -1063,6 +1065,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{SYSTEM_CONFIG}, in that order.",
     )
     _common(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"jobqctl {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     _common(common, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -1077,58 +1080,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_duration, default=WATCH_INTERVAL, help="refresh interval")
     command("workers", cmd_workers, "the registered processes on every host")
     p = command("jobs", cmd_jobs, "list jobs, newest first")
-    p.add_argument("--queue")
-    p.add_argument("--state", choices=admin.STATES)
-    p.add_argument("--limit", type=_positive_int, default=50)
+    p.add_argument("--queue", help="only jobs of this queue")
+    p.add_argument("--state", choices=admin.STATES, help="only jobs in this state")
+    p.add_argument("--limit", type=_positive_int, default=50, help="at most this many (50)")
     p = command("show", cmd_show, "one job: args, state, attempts, lease, errors")
-    p.add_argument("id", type=_job_id)
+    p.add_argument("id", type=_job_id, help="the job id")
     for name, handler, states, help in (
         ("retry", cmd_retry, admin.RETRYABLE_STATES, "run jobs again now"),
         ("cancel", cmd_cancel, admin.CANCELLABLE_STATES, "cancel queued or running jobs"),
     ):
         p = command(name, handler, help)
-        p.add_argument("ids", nargs="*", type=_job_id, metavar="ID")
+        p.add_argument("ids", nargs="*", type=_job_id, metavar="ID", help="job ids")
         p.add_argument("--queue", help="every job of this queue in --state")
-        p.add_argument("--state", choices=states)
+        p.add_argument("--state", choices=states, help="with --queue: the jobs in this state")
         p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     p = command("delete", cmd_delete, "delete jobs that are not running")
-    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID")
+    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID", help="job ids")
     p = command("pause", cmd_pause, "stop claiming from a queue on every node")
-    p.add_argument("queue")
+    p.add_argument("queue", help="the queue to pause")
     p.add_argument("--force", action="store_true", help="pause a queue the cluster does not know")
     p = command("resume", cmd_resume, "claim from a paused queue again")
-    p.add_argument("queue")
+    p.add_argument("queue", help="the queue to resume")
     p = command("enqueue", cmd_enqueue, "enqueue one job")
-    p.add_argument("task")
+    p.add_argument("task", help="the task name")
     p.add_argument("--queue", help="default: the task's queue, else default")
     p.add_argument("--args", type=_json_args, default=None, help="job args as JSON")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--delay", type=_duration, help="run after this long, e.g. 30s, 5m")
     when.add_argument("--run-at", type=_time, help="run at this ISO 8601 time")
     p.add_argument("--priority", type=int, default=0, help="smaller runs first")
-    p.add_argument("--max-attempts", type=_positive_int)
-    p.add_argument("--dedup-key")
-    p.add_argument("--idempotency-key")
+    p.add_argument("--max-attempts", type=_positive_int, help="default: the task's or queue's")
+    p.add_argument(
+        "--dedup-key", help="a queued or running job of the queue with this key is returned instead"
+    )
+    p.add_argument("--idempotency-key", help="enqueue once per key within retention.idempotency")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the job's id")
     p = command("wait", cmd_wait, "wait until jobs have ended; print their states")
-    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID")
+    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID", help="job ids")
     p.add_argument(
         "--timeout", type=_duration, default=60.0, help="give up after this long (default 1m)"
     )
     p = command("bundles", cmd_bundles, "list bundles, newest first")
     p.add_argument("--unfinished", action="store_true", help="only bundles still waiting")
-    p.add_argument("--limit", type=_positive_int, default=50)
+    p.add_argument("--limit", type=_positive_int, default=50, help="at most this many (50)")
     p = command("bundle", cmd_bundle, "one bundle: `bundle show ID`")
-    p.add_argument("action", choices=("show",))
-    p.add_argument("id", type=_positive_whole_number("a bundle id"))
+    p.add_argument("action", choices=("show",), help="show")
+    p.add_argument("id", type=_positive_whole_number("a bundle id"), help="the bundle id")
     p = command("migrate", cmd_migrate, "apply pending schema migrations")
     p.add_argument("--dry-run", action="store_true", help="only list what would be applied")
     p = command("events", cmd_events, "list, or turn on/off, job end events per queue")
-    p.add_argument("action", nargs="?", choices=("list", "on", "off"), default="list")
-    p.add_argument("queues", nargs="*", metavar="QUEUE")
+    p.add_argument(
+        "action", nargs="?", choices=("list", "on", "off"), default="list", help="default: list"
+    )
+    p.add_argument("queues", nargs="*", metavar="QUEUE", help="the queues to turn on or off")
     p = command("cron", cmd_cron, "list cron entries, or run one now")
-    p.add_argument("action", choices=("list", "run"))
-    p.add_argument("name", nargs="?")
+    p.add_argument("action", choices=("list", "run"), help="list the entries, or run one now")
+    p.add_argument("name", nargs="?", help="with run: the cron entry")
     command("prune", cmd_prune, "delete finished jobs past retention now")
     p = command("dsn", cmd_dsn, "print the database's URL, for psql and other clients")
     p.add_argument(
@@ -1137,7 +1144,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="include the password the URL came with (left out by default)",
     )
     p = command("psql", cmd_psql, "open psql on the database (arguments after -- go to psql)")
-    p.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="-- PSQL-ARGUMENTS")
+    p.add_argument(
+        "psql_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- PSQL-ARGUMENTS",
+        help="passed to psql as they are",
+    )
     p = command("roll", cmd_roll, "replace every worker on this host's daemons with new code")
     p.add_argument(
         "--timeout",
