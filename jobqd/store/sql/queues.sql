@@ -121,3 +121,12 @@ ON CONFLICT (name) DO UPDATE
 SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(queue)s)
     OR EXISTS (SELECT 1 FROM {schema}.jobs WHERE queue = %(queue)s)
     OR EXISTS (SELECT 1 FROM {schema}.tasks WHERE queue = %(queue)s)
+
+-- name: queues_due
+-- Of the queues that HTTP claims wait on, those with a due job and no pause: the http child's
+-- wake-up for jobs that become due without a NOTIFY (delays, retries, snoozes). A hint only;
+-- the claim itself decides.
+SELECT q FROM unnest(%(queues)s::text[]) AS q
+ WHERE EXISTS (SELECT 1 FROM {schema}.jobs j
+                WHERE j.queue = q AND j.state = 'queued' AND j.run_at <= now())
+   AND NOT EXISTS (SELECT 1 FROM {schema}.queues p WHERE p.name = q AND p.paused)
