@@ -21,19 +21,22 @@ Endpoints:
   GET /readyz      200 when the master has prepared the database, the database answers,
                    migrations are current and every child has booted and none crash-loops;
                    else 503 and which check failed
-  POST /jobs       enqueue (bearer token), 201 {"id": ...}
-  GET /jobs/{id}   one job (bearer token)
-  GET /bundles/{id} one bundle: counts, callback, its jobs per state (bearer token)
-  GET /queues      queue status (bearer token)
-The JSON API needs `Authorization: Bearer <token>` where the token is the value of the
-environment variable named by `http.token_env`; without that variable the API answers 503.
+  POST /jobs       enqueue (enqueue scope), 201 {"id": ...}
+  GET /jobs        jobs newest first, filtered, paged by `before` (admin)
+  GET /jobs/{id}   one job (admin)
+  GET /bundles/{id} one bundle: counts, callback, its jobs per state (admin)
+  GET /queues      queue status (admin)
+  and the worker and admin endpoints of jobqd.http.api: claim (long-polling with `wait`),
+  heartbeat, complete, fail, snooze, discard, a queue's depth; retry, cancel, pause, resume.
+The JSON API needs `Authorization: Bearer <token>` with a token of the scope the endpoint
+needs (jobqd.http.auth: `http.tokens`, and `http.token_env` for admin); 401 without a known
+token, 403 without the scope, 503 when no token is set at all. docs/http-api.md has it all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hmac
 import json
 import logging
 import os
@@ -41,6 +44,7 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from http import HTTPStatus
@@ -60,6 +64,10 @@ from jobqd.daemon.lifecycle import (
     Stopping,
 )
 from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError, first_line
+from jobqd.http.api import Api, Request, disconnected
+from jobqd.http.auth import ADMIN, ENQUEUE, Tokens
+from jobqd.http.errors import ApiError
+from jobqd.http.wakeups import Wakeups
 from jobqd.observe.metrics import (
     CONTENT_TYPE,
     DatabaseMetrics,
@@ -87,14 +95,6 @@ HEALTH_WRITE_INTERVAL = 2.0
 """Seconds between writes of the node's health into this child's jobqd.processes row."""
 _JOB_PATH = re.compile(r"/jobs/([^/]+)")
 _BUNDLE_PATH = re.compile(r"/bundles/([^/]+)")
-
-
-class ApiError(Exception):
-    """An answer other than success: status code and a message for the `error` field."""
-
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Feed:
@@ -189,12 +189,20 @@ class _Cached:
 class App:
     """What the endpoints answer, apart from HTTP itself (see Handler)."""
 
-    def __init__(self, settings: Any, dsn: str, feed: Feed, token: str | None) -> None:
+    def __init__(self, settings: Any, dsn: str, feed: Feed, tokens: Tokens) -> None:
         self.settings = settings
         self.schema = settings.database.schema
         self.feed = feed
-        self.token = token
-        self.sessions = Sessions(dsn, application_name=settings.database.application_name)
+        self.tokens = tokens
+        name = settings.database.application_name
+        self.sessions = Sessions(dsn, application_name=name)
+        self.wakeups = Wakeups(
+            self.sessions.dsn,
+            self.schema,
+            application_name=name,
+            max_waiters=settings.http.max_waiters,
+        )
+        self.api = Api(settings, self.sessions, tokens, self.wakeups)
         self._gauges = _Cached(GAUGE_TTL, self._count)
         self._database = _Cached(READY_TTL, self._check_database)
         self._health = _Cached(GAUGE_TTL, self._database_health)
@@ -300,17 +308,8 @@ class App:
 
     # -- JSON API ---------------------------------------------------------------------------
 
-    def authorize(self, header: str | None) -> None:
-        if not self.token:
-            raise ApiError(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                f"API disabled: set {self.settings.http.token_env} in the daemon's environment",
-            )
-        scheme, _, given = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), self.token.encode()
-        ):
-            raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token")
+    def authorize(self, header: str | None, scope: str, what: str) -> None:
+        self.tokens.require(header, scope, what)
 
     def enqueue(self, body: Any) -> dict[str, Any]:
         kwargs = _enqueue_arguments(body)
@@ -487,21 +486,44 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s " + format, self.client_address[0], *args)
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, status: HTTPStatus, document: Any) -> None:
+    def _json(
+        self, status: HTTPStatus, document: Any, headers: dict[str, str] | None = None
+    ) -> None:
         body = json.dumps(document, default=_json_default, ensure_ascii=False).encode()
-        self._send(status, body + b"\n", "application/json")
+        self._send(status, body + b"\n", "application/json", headers)
+
+    def _request(self, method: str, path: str, query: str) -> Request:
+        return Request(
+            method=method,
+            path=path,
+            query=urllib.parse.parse_qs(query),
+            authorization=self.headers.get("Authorization"),
+            client=self.client_address[0],
+            body=lambda: self._body(optional=True),
+            gone=lambda: disconnected(self.connection),
+        )
 
     def _route(self, method: str) -> None:
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        auth = self.headers.get("Authorization")
+        self._consumed = False
         try:
             if method == "GET" and path == "/metrics":
                 self._send(HTTPStatus.OK, self.app.metrics().encode(), CONTENT_TYPE)
@@ -509,28 +531,35 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(*self.app.healthz())
             elif method == "GET" and path == "/readyz":
                 self._json(*self.app.readyz())
+            elif (answer := self.app.api.answer(self._request(method, path, query))) is not None:
+                self._json(*answer)
+            elif path == "/jobs" and method == "GET":
+                self.app.authorize(auth, ADMIN, "GET /jobs")
+                self._json(*self.app.api.list_jobs(self._request(method, path, query), ""))
             elif path == "/jobs":
                 self._allow(method, "POST")
-                self.app.authorize(self.headers.get("Authorization"))
+                self.app.authorize(auth, ENQUEUE, "POST /jobs")
                 self._json(HTTPStatus.CREATED, self.app.enqueue(self._body()))
             elif _JOB_PATH.fullmatch(path):
                 self._allow(method, "GET")
-                self.app.authorize(self.headers.get("Authorization"))
+                self.app.authorize(auth, ADMIN, "GET /jobs/{id}")
                 self._json(HTTPStatus.OK, self.app.job(_JOB_PATH.fullmatch(path).group(1)))
             elif _BUNDLE_PATH.fullmatch(path):
                 self._allow(method, "GET")
-                self.app.authorize(self.headers.get("Authorization"))
+                self.app.authorize(auth, ADMIN, "GET /bundles/{id}")
                 self._json(HTTPStatus.OK, self.app.bundle(_BUNDLE_PATH.fullmatch(path).group(1)))
             elif path == "/queues":
                 self._allow(method, "GET")
-                self.app.authorize(self.headers.get("Authorization"))
+                self.app.authorize(auth, ADMIN, "GET /queues")
                 self._json(HTTPStatus.OK, self.app.queues())
             elif path in ("/metrics", "/healthz", "/readyz"):
                 self._allow(method, "GET")
             else:
                 raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
         except ApiError as exc:
-            self._json(exc.status, {"error": str(exc)})
+            if not self._consumed and self.headers.get("Content-Length", "0") != "0":
+                self.close_connection = True  # the unread body must not pass for a request
+            self._json(exc.status, {"error": str(exc)}, exc.headers)
         except (DatabaseUnavailable, psycopg.OperationalError) as exc:
             self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"database: {first_line(exc)}"})
         except psycopg.Error as exc:
@@ -541,8 +570,11 @@ class Handler(BaseHTTPRequestHandler):
         if method != allowed:
             raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {allowed} here")
 
-    def _body(self) -> Any:
+    def _body(self, *, optional: bool = False) -> Any:
+        """The JSON body; with `optional`, {} when there is none."""
         length = self.headers.get("Content-Length")
+        if length is None and optional and "Transfer-Encoding" not in self.headers:
+            return {}
         if length is None:
             raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
         try:
@@ -556,6 +588,9 @@ class Handler(BaseHTTPRequestHandler):
                 f"request body of {size} bytes is over http.max_body ({self.max_body} bytes)",
             )
         data = self.rfile.read(size)
+        self._consumed = True
+        if optional and not data.strip():
+            return {}
         try:
             return json.loads(data)
         except ValueError as exc:
@@ -619,6 +654,7 @@ class HttpChild(ChildProcess):
         parent_pid: int | None,
         on_title: Callable[[str], None] | None,
         sessions: Sessions | None = None,
+        wakeups: Wakeups | None = None,
     ) -> None:
         row = ProcessRow(queries(settings.database.schema), "http", fields={"child": "http"})
         super().__init__(sender=sender, parent_pid=parent_pid, on_title=on_title, row=row)
@@ -626,6 +662,7 @@ class HttpChild(ChildProcess):
         self.server = server
         self.feed = feed
         self.sessions = sessions
+        self.wakeups = wakeups
         self._done = threading.Event()
 
     def metadata(self) -> dict[str, Any]:
@@ -657,21 +694,25 @@ class HttpChild(ChildProcess):
         ):
             self.deregister(conn)
 
-    def run(self, feed_fd: int, token: str | None) -> int:
+    def run(self, feed_fd: int, tokens: Tokens) -> int:
         thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
         thread.start()
         writer = threading.Thread(target=self._write_health, name="health", daemon=True)
         writer.start()
+        if self.wakeups is not None:
+            self.wakeups.start()
         self.on_title(f"http {self.settings.http.listen}")
         log.info(
-            "serving /metrics, /healthz, /readyz and the JSON API on %s%s",
+            "serving /metrics, /healthz, /readyz and the JSON API on %s; token scopes: %s",
             self.settings.http.listen,
-            "" if token else f" (JSON API disabled: {self.settings.http.token_env} is not set)",
+            tokens.describe(),
         )
         self.send_booted()
         try:
             self._follow(feed_fd)
         finally:
+            if self.wakeups is not None:  # waiting claims answer at once, with no jobs
+                self.wakeups.stop()
             self.server.shutdown()
             self.server.server_close()
             self._deregister()
@@ -706,8 +747,8 @@ def serve(
 ) -> int:
     """Serve until the feed closes (the master is gone), TERM/QUIT, or the parent changes."""
     feed = Feed()
-    token = os.environ.get(settings.http.token_env) or None
-    app = App(settings, dsn, feed, token)
+    tokens = Tokens.from_settings(settings.http)
+    app = App(settings, dsn, feed, tokens)
     try:
         server = make_server(settings, app, listener)
     except OSError as exc:
@@ -721,10 +762,11 @@ def serve(
         parent_pid=parent_pid,
         on_title=on_title,
         sessions=app.sessions,
+        wakeups=app.wakeups,
     )
     child.install_signals()
     try:
-        return child.run(feed_fd, token)
+        return child.run(feed_fd, tokens)
     finally:
         app.sessions.close()
 

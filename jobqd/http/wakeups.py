@@ -62,9 +62,7 @@ class Waiter:
 class Wakeups:
     """The waiting claims of this http child and the one listener that wakes them."""
 
-    def __init__(
-        self, dsn: str, schema: str, *, application_name: str, max_waiters: int
-    ) -> None:
+    def __init__(self, dsn: str, schema: str, *, application_name: str, max_waiters: int) -> None:
         self.dsn = dsn
         self.schema = schema
         self.sql = queries(schema)
@@ -257,7 +255,8 @@ class Wakeups:
             idle = [
                 q
                 for q, since in self._idle_since.items()
-                if q in self._listened and q not in self._waiters
+                if q in self._listened
+                and q not in self._waiters
                 and (now - since > LINGER or len(self._listened) > MAX_CHANNELS)
             ]
         for queue in idle:

@@ -2,7 +2,11 @@
 -- publish, and the per-queue counts that status and /metrics show.
 
 -- name: queues_pause
-SELECT {schema}.pause(%(queue)s)
+SELECT {schema}.pause(%(queue)s, %(duration)s::float8 * interval '1 second', %(paused_by)s)
+
+-- name: queues_paused
+SELECT paused AND (paused_until IS NULL OR paused_until > now()), paused_until, paused_by
+  FROM {schema}.queues WHERE name = %(queue)s
 
 -- name: queues_resume
 SELECT {schema}.resume(%(queue)s)
@@ -129,4 +133,6 @@ SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(queue)s)
 SELECT q FROM unnest(%(queues)s::text[]) AS q
  WHERE EXISTS (SELECT 1 FROM {schema}.jobs j
                 WHERE j.queue = q AND j.state = 'queued' AND j.run_at <= now())
-   AND NOT EXISTS (SELECT 1 FROM {schema}.queues p WHERE p.name = q AND p.paused)
+   AND NOT EXISTS (SELECT 1 FROM {schema}.queues p
+                    WHERE p.name = q AND p.paused
+                      AND (p.paused_until IS NULL OR p.paused_until > now()))
