@@ -450,9 +450,9 @@ def _tokens(value: object) -> FrozenDict:
             raise ValueError(f"{scope}: expected at least one environment variable name")
         for name in listed:
             if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-                raise ValueError(
+                raise ValueError(  # not shown: it may be a token pasted in by mistake
                     f"{scope}: expected the name of an environment variable holding the "
-                    f"token (never the token itself), got {_show(name)}"
+                    "token (letters, digits, _), never the token itself"
                 )
         scopes[scope] = tuple(listed)
     return FrozenDict(scopes)

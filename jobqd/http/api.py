@@ -12,6 +12,7 @@ token that no longer holds is answered 409 and writes nothing.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import select
 import socket
@@ -452,7 +453,9 @@ def _seconds(
     try:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ValueError
-        seconds = parse_duration(value)
+        seconds = float(value) if isinstance(value, int | float) else parse_duration(value)
+        if not math.isfinite(seconds):
+            raise ValueError
     except ValueError:
         raise ApiError(
             HTTPStatus.BAD_REQUEST, f"'{key}' must be seconds or a duration like 30s, 5m"
