@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import psycopg
 
 from jobqd.store.sql import queries
@@ -14,11 +16,18 @@ def pause(
     *,
     duration: float | None = None,
     paused_by: str | None = None,
-) -> None:
-    """Every node stops claiming from `queue` (its running jobs finish), for good or, with
-    `duration` (seconds), until then; `paused_by` says who."""
-    params = {"queue": queue, "duration": duration, "paused_by": paused_by}
-    conn.execute(queries(schema).queues_pause, params)
+) -> datetime | None:
+    """Every node stops claiming from `queue` (its running jobs finish), until resumed or,
+    with `duration` (seconds), until that much time has passed: the claim itself compares
+    the pause's end with the database's clock, so nothing has to run to end it. `paused_by`
+    says who, for `jobqctl status`. Returns when a timed pause ends."""
+    sql = queries(schema)
+    with conn.transaction():
+        conn.execute(
+            sql.queues_pause, {"queue": queue, "duration": duration, "paused_by": paused_by}
+        )
+        row = conn.execute(sql.queues_paused_until, {"queue": queue}).fetchone()
+    return row[0] if row else None
 
 
 def resume(conn: psycopg.Connection, schema: str, queue: str) -> None:
