@@ -147,7 +147,8 @@ class Wakeups:
             if now >= until:
                 return True
             if waiter.event.wait(min(until - now, _SLICE)):
-                return not self._stopping.is_set()
+                # a client that hung up meanwhile must not have jobs claimed for it
+                return not self._stopping.is_set() and not gone()
 
     # -- the listener thread -------------------------------------------------------------------
 
