@@ -67,6 +67,7 @@ class HttpWorker {
     this.leaseSeconds = o.leaseSeconds || 30;
     this.waitSeconds = o.waitSeconds ?? 20;
     this.log = o.log || (() => {});
+    this.batch = Math.max(1, Math.floor(this.concurrency / 2)); // free slots worth a claim
     this.inflight = new Map(); // job id -> {job, controller, deadline, lost, finishing}
     this.stopping = false;
     this.claiming = null; // the AbortController of the claim being long-polled
@@ -92,7 +93,8 @@ class HttpWorker {
     try {
       while (!this.stopping) {
         const free = this.concurrency - this.inflight.size;
-        if (free === 0) {
+        // One claim per free slot would double the requests: wait for half of them.
+        if (free === 0 || (this.inflight.size > 0 && free < this.batch)) {
           await new Promise((resolve) => (this.slotFreed = resolve));
           continue;
         }

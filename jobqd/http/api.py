@@ -11,13 +11,14 @@ token that no longer holds is answered 409 and writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import select
 import socket
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -94,6 +95,20 @@ class Api:
         self.tokens = tokens
         self.wakeups = wakeups
 
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[psycopg.Connection]:
+        """One of the child's sessions. A refusal (an ApiError, a statement the server
+        refused) leaves the session fine and idle, so it goes back to the pool instead of
+        being closed as a broken one would: a 409 must not cost the next request a connect."""
+        refused: Exception | None = None
+        with self.sessions.session() as conn:
+            try:
+                yield conn
+            except (ApiError, psycopg.DataError, psycopg.IntegrityError) as exc:
+                refused = exc
+        if refused is not None:
+            raise refused
+
     def answer(self, request: Request) -> tuple[HTTPStatus, Any] | None:
         """The answer to `request`, or None when no route of this module has its path."""
         allowed = []
@@ -124,7 +139,7 @@ class Api:
         worker = _text(body, "worker", required=True)
 
         def once() -> list[dict[str, Any]]:
-            with self.sessions.session() as conn:
+            with self._session() as conn:
                 return protocol.claim(conn, self.schema, queue, max_jobs, lease, worker)
 
         if wait <= 0:
@@ -149,7 +164,7 @@ class Api:
         body = _object(request.body(), {"lease_token", "lease"})
         token = _lease_token(body)
         lease = _seconds(body, "lease", None, 1.0, MAX_LEASE)
-        with self.sessions.session() as conn:
+        with self._session() as conn:
             rows = protocol.heartbeat(conn, self.schema, [job_id], [token], lease)
             if not rows:
                 raise self._lost(conn, job_id, token, "heartbeat")
@@ -174,7 +189,7 @@ class Api:
             ids.append(_job_id(item.get("id")))
             tokens.append(_lease_token(item))
         lease = _seconds(body, "lease", None, 1.0, MAX_LEASE)
-        with self.sessions.session() as conn:
+        with self._session() as conn:
             rows = protocol.heartbeat(conn, self.schema, ids, tokens, lease)
         renewed = {row["id"] for row in rows}
         return HTTPStatus.OK, {"held": rows, "lost": [i for i in ids if i not in renewed]}
@@ -241,7 +256,7 @@ class Api:
     ) -> tuple[HTTPStatus, Any]:
         job_id = _job_id(job)
         token = _lease_token(body)
-        with self.sessions.session() as conn:
+        with self._session() as conn:
             row = write(conn, job_id, token)
             if row is None:
                 raise self._lost(conn, job_id, token, action)
@@ -266,7 +281,7 @@ class Api:
         )
 
     def queue(self, request: Request, queue: str) -> tuple[HTTPStatus, Any]:
-        with self.sessions.session() as conn:
+        with self._session() as conn:
             rows = {row["queue"]: row for row in admin.queue_status(conn, self.schema)}
             pause = queues.paused(conn, self.schema, queue)
         row = rows.get(queue) or {key: 0 for key in _DEPTH_KEYS}
@@ -292,7 +307,7 @@ class Api:
             )
         limit = _query_int(request, "limit", 50, 1, MAX_PAGE)
         before = _query_int(request, "before", None, 1, None)
-        with self.sessions.session() as conn:
+        with self._session() as conn:
             found = admin.jobs(
                 conn, self.schema, queue=queue, state=state, limit=limit, before=before
             )
@@ -302,7 +317,7 @@ class Api:
     def retry(self, request: Request, job: str) -> tuple[HTTPStatus, Any]:
         job_id = _job_id(job)
         _object(request.body(), set())
-        with self.sessions.session() as conn:
+        with self._session() as conn:
             if not admin.retry(conn, self.schema, [job_id]):
                 raise self._refused(conn, job_id, "retried: only dead, cancelled or queued")
         return HTTPStatus.OK, {"id": job_id, "state": "queued"}
@@ -310,7 +325,7 @@ class Api:
     def cancel(self, request: Request, job: str) -> tuple[HTTPStatus, Any]:
         job_id = _job_id(job)
         _object(request.body(), set())
-        with self.sessions.session() as conn:
+        with self._session() as conn:
             if not admin.cancel(conn, self.schema, [job_id]):
                 raise self._refused(conn, job_id, "cancelled: only queued or running")
         return HTTPStatus.OK, {"id": job_id, "state": "cancelled"}
@@ -329,7 +344,7 @@ class Api:
         force = body.get("force", False)
         if not isinstance(force, bool):
             raise ApiError(HTTPStatus.BAD_REQUEST, "'force' must be true or false")
-        with self.sessions.session() as conn:
+        with self._session() as conn:
             if not force and not queues.known(conn, self.schema, queue):
                 raise ApiError(
                     HTTPStatus.NOT_FOUND,
@@ -344,7 +359,7 @@ class Api:
 
     def resume(self, request: Request, queue: str) -> tuple[HTTPStatus, Any]:
         _object(request.body(), set())
-        with self.sessions.session() as conn:
+        with self._session() as conn:
             queues.resume(conn, self.schema, queue)
             return HTTPStatus.OK, {"queue": queue, **queues.paused(conn, self.schema, queue)}
 

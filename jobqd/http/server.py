@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -90,7 +91,9 @@ REQUEST_TIMEOUT = 10.0
 """Seconds a client may take to send its request (slow clients hold a thread)."""
 DB_TIMEOUT_MS = 5_000
 CONNECT_TIMEOUT = 3
-SESSIONS = 4
+SESSIONS = 16
+"""Database sessions kept open between requests: enough for HTTP workers' claims and outcomes
+to reuse them (a busier moment opens more, closed afterwards)."""
 HEALTH_WRITE_INTERVAL = 2.0
 """Seconds between writes of the node's health into this child's jobqd.processes row."""
 _JOB_PATH = re.compile(r"/jobs/([^/]+)")
@@ -480,6 +483,10 @@ class Handler(BaseHTTPRequestHandler):
     app: App  # set on the subclass made by make_server
     max_body: int
     timeout = REQUEST_TIMEOUT
+    # Keep-alive: an HTTP worker's claims and outcomes reuse one connection (every answer
+    # has a Content-Length), instead of a TCP handshake and a thread per request.
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as written, not 40 ms later
     server_version = "jobqd"
     sys_version = ""
 
@@ -615,6 +622,14 @@ class Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (a long-poll given up, a worker killed) is routine; anything
+        else is logged, never printed to stderr as socketserver would."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("http client %s hung up", client_address[0])
+        else:
+            log.exception("http request from %s failed", client_address[0])
 
 
 def make_server(
