@@ -284,10 +284,13 @@ class Api:
         with self._session() as conn:
             rows = {row["queue"]: row for row in admin.queue_status(conn, self.schema)}
             pause = queues.paused(conn, self.schema, queue)
-        row = rows.get(queue) or {key: 0 for key in _DEPTH_KEYS}
-        row.update(queue=queue, **pause)
-        if not row.get("oldest_age"):
-            row["oldest_age"] = None
+        row = rows.get(queue) or {
+            **dict.fromkeys(_DEPTH_KEYS, 0),
+            "events": False,
+            "paused_at": None,
+            "oldest_age": None,
+        }
+        row.update(queue=queue, **pause)  # paused: now (a timed pause that ran out is not)
         return HTTPStatus.OK, row
 
     # -- admin --------------------------------------------------------------------------------
@@ -373,8 +376,6 @@ _DEPTH_KEYS = (
     "cancelled",
     "succeeded_1h",
     "per_minute",
-    "oldest_age",
-    "events",
 )
 
 
