@@ -3,6 +3,8 @@ scopes, the protocol round trip, errors and limits, long-poll wake-ups and the l
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 import urllib.request
@@ -316,6 +318,32 @@ def test_waiters_are_bounded(api, dsn):
     assert claim(api, worker="b") == (200, {"jobs": []})  # a claim without wait is served
     thread.join(10)
     assert results[0][:2] == (200, {"jobs": []})
+
+
+def test_a_long_poll_whose_client_hung_up_is_dropped(api, dsn):
+    """Its place is freed long before its deadline, and it claims nothing more."""
+    body = json.dumps({"worker": "gone", "wait": 15}).encode()
+    with socket.create_connection(("127.0.0.1", api.port)) as sock:
+        sock.sendall(
+            b"POST /queues/default/claim HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {WORKER}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        wait_for(lambda: scalar(dsn, "SELECT count(*) FROM jobqd.processes WHERE host = 'gone'"))
+    # max_waiters is 1: a second waiting claim is served only once the first was dropped
+    results: list = []
+    wait_for(
+        lambda: (
+            _waiting_claim(api, results, wait=0.1, worker="w").join(10) or results[-1][0] == 200
+        ),
+        timeout=10,
+        what="the hung-up claim to be dropped",
+    )
+    with Client(dsn) as client:
+        job_id = client.enqueue("t")
+    status, body = claim(api)
+    assert status == 200 and [j["id"] for j in body["jobs"]] == [job_id]
+    assert scalar(dsn, "SELECT attempt FROM jobqd.jobs WHERE id = %s", (job_id,)) == 1
 
 
 def test_one_listener_wakes_by_notify_alone(dsn):
