@@ -45,6 +45,7 @@ MAX_HEARTBEAT = 1000
 MAX_PAGE = 500
 """Jobs one page of GET /jobs may hold."""
 _TEXT_LIMIT = 200
+_BIGINT = 2**63
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,16 +418,16 @@ def _object(value: Any, keys: set[str], *, what: str = "the body") -> dict[str, 
 
 
 def _job_id(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _BIGINT:
         return value
-    if isinstance(value, str) and value.isdigit() and int(value) > 0:
+    if isinstance(value, str) and value.isdigit() and 0 < int(value) < _BIGINT:
         return int(value)
     raise ApiError(HTTPStatus.BAD_REQUEST, f"job ids are positive numbers, got {value!r}")
 
 
 def _lease_token(body: dict[str, Any]) -> int:
     token = body.get("lease_token")
-    if isinstance(token, bool) or not isinstance(token, int):
+    if isinstance(token, bool) or not isinstance(token, int) or not -_BIGINT < token < _BIGINT:
         raise ApiError(
             HTTPStatus.BAD_REQUEST,
             "'lease_token' is required: the number the claim returned with the job",

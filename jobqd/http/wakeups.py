@@ -153,7 +153,7 @@ class Wakeups:
     # -- the listener thread -------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="listen", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="listen", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -166,13 +166,18 @@ class Wakeups:
         self._poke()
         if self._thread is not None:
             self._thread.join(5)
-        for fd in (self._wake_read, self._wake_write):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        # The wake pipe stays open: a request still running may poke it, and a closed
+        # descriptor's number could by then belong to another file.
 
     def _poke(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_write, b"x")
+
+    def _serve(self) -> None:
+        try:
+            self._run()
+        except Exception:  # a bug: say so; the waiters go on polling every DUE_INTERVAL
+            log.exception("the LISTEN thread for waiting HTTP claims failed; they poll instead")
 
     def _run(self) -> None:
         failures = 0
