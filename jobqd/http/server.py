@@ -506,6 +506,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -564,7 +566,10 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
         except ApiError as exc:
-            if not self._consumed and self.headers.get("Content-Length", "0") != "0":
+            unread = self.headers.get("Content-Length", "0") != "0" or (
+                "Transfer-Encoding" in self.headers
+            )
+            if unread and not self._consumed:
                 self.close_connection = True  # the unread body must not pass for a request
             self._json(exc.status, {"error": str(exc)}, exc.headers)
         except (DatabaseUnavailable, psycopg.OperationalError) as exc:

@@ -3,6 +3,7 @@ scopes, the protocol round trip, errors and limits, long-poll wake-ups and the l
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import threading
@@ -196,6 +197,17 @@ def test_errors_and_limits(api, dsn):
     )
     assert status == 413 and "http.max_body" in answer["error"]
     assert api.call("/queues/default/claim", token=WORKER)[0] == 405
+    # keep-alive: a refusal that left its body unread ends the connection, the next works
+    link = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
+    for token in ("wrong", WORKER, WORKER):
+        link.request(
+            "POST", "/queues/other/claim", b'{"worker": "k"}', {"Authorization": f"Bearer {token}"}
+        )
+        response = link.getresponse()
+        response.read()
+        assert response.status == (401 if token == "wrong" else 200)
+        assert (response.getheader("Connection") == "close") == (token == "wrong")
+    link.close()
     assert api.call("/jobs/heartbeat", token=WORKER)[0] == 405
 
     status, answer = post(api, "/jobs/abc/complete", {"lease_token": 1})
