@@ -257,6 +257,8 @@ class Wakeups:
         """LISTEN on queues that gained waiters; UNLISTEN those idle past LINGER."""
         now = time.monotonic()
         with self._lock:
+            for queue in [q for q in self._idle_since if q not in self._listened]:
+                del self._idle_since[queue]  # never LISTENed (the session was down): forget it
             wanted = [q for q in self._waiters if q not in self._listened]
             idle = [
                 q
