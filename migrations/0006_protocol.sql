@@ -103,31 +103,38 @@ $$;
 
 -- The one definition of a claim: due jobs of one unpaused queue, in claim order, each with a
 -- fresh lease token, its attempt counted, held by `holder` (a processes id).
+--
+-- Planned once per session (plan_cache_mode): replanning the claim on every call, as the
+-- inline statement it replaces was, cost about a third of its time (pgbench, claim 50 +
+-- complete 50). The one right plan is index scans: jobs_claim in claim order, then the primary
+-- key for the picked ids. A plan made once must not depend on the statistics of its day (a
+-- plan made on an empty table would scan the whole table for ever after), so sequential and
+-- bitmap scans are ruled out, and the picked ids go through an array so that the plan, which
+-- cannot know max_jobs, looks them up by primary key instead of hashing the table.
 CREATE FUNCTION claim_batch(queue_name text, max_jobs integer, lease interval, holder bigint)
 RETURNS TABLE (id bigint, queue text, task text, args jsonb, attempt integer,
                max_attempts integer, lease_token bigint, priority integer, run_at timestamptz,
                created_at timestamptz, started_at timestamptz, lease_expires_at timestamptz)
 LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
-    WITH picked AS (
-        SELECT j.id FROM jobs j
-         WHERE j.queue = queue_name AND j.state = 'queued' AND j.run_at <= now()
-           AND NOT EXISTS (SELECT 1 FROM queues q
-                            WHERE q.name = queue_name AND q.paused
-                              AND (q.paused_until IS NULL OR q.paused_until > now()))
-         ORDER BY j.priority, j.run_at, j.id
-         LIMIT max_jobs
-           FOR UPDATE SKIP LOCKED
-    ), claimed AS (
+    WITH claimed AS (
         UPDATE jobs j
            SET state = 'running', attempt = j.attempt + 1, started_at = now(),
                lease_expires_at = now() + lease,
                lease_token = nextval('lease_tokens'), locked_by = holder
-          FROM picked
-         WHERE j.id = picked.id
+         WHERE j.id = ANY(ARRAY(
+               SELECT p.id FROM jobs p
+                WHERE p.queue = queue_name AND p.state = 'queued' AND p.run_at <= now()
+                  AND NOT EXISTS (SELECT 1 FROM queues q
+                                   WHERE q.name = queue_name AND q.paused
+                                     AND (q.paused_until IS NULL OR q.paused_until > now()))
+                ORDER BY p.priority, p.run_at, p.id
+                LIMIT max_jobs
+                  FOR UPDATE SKIP LOCKED))
         RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.max_attempts, j.lease_token,
                   j.priority, j.run_at, j.created_at, j.started_at, j.lease_expires_at
     )
@@ -385,6 +392,15 @@ BEGIN
 END
 $$;
 REVOKE EXECUTE ON FUNCTION grant_worker(name) FROM PUBLIC;
+
+-- Roles already given the daemon's rights (grant_daemon: they may update jobs) may call the
+-- protocol too: the http child serves it, and grant_daemon granted only the functions that
+-- existed when it ran.
+SELECT grant_worker(a.grantee::regrole::name)
+  FROM (SELECT DISTINCT a.grantee
+          FROM pg_class c, aclexplode(c.relacl) a
+         WHERE c.oid = 'jobs'::regclass AND a.privilege_type = 'UPDATE'
+           AND a.grantee <> 0 AND a.grantee <> c.relowner) a;
 
 -- Timed pause: pause(queue) as before, or for a while, saying by whom.
 DROP FUNCTION pause(text);

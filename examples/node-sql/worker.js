@@ -61,6 +61,7 @@ class Worker {
     this.stopping = false;
     this.wakeUp = null; // resolves the idle wait early
     this.listener = null;
+    this.finished = new AbortController(); // ends the heartbeat loop's wait once drained
   }
 
   fn(name) {
@@ -89,7 +90,7 @@ class Worker {
       while (this.inflight.size > 0) await this.idle(null);
     } finally {
       this.stopping = true;
-      this.wake();
+      this.finished.abort();
       await beats;
       if (this.listener) this.listener.release();
     }
@@ -147,8 +148,12 @@ class Worker {
   /** Renew every lease held in one call, every leaseSeconds / 3; drop what was lost. */
   async heartbeats() {
     const every = (this.leaseSeconds * 1000) / 3;
-    while (!(this.stopping && this.inflight.size === 0)) {
-      await sleep(every);
+    while (!this.finished.signal.aborted) {
+      try {
+        await sleep(every, undefined, { signal: this.finished.signal });
+      } catch {
+        return; // run() is done: nothing is held any more
+      }
       // Jobs whose outcome is being written are left out: their lease ends with it.
       const held = [...this.inflight.values()].filter((e) => !e.lost && !e.finishing);
       const now = Date.now();

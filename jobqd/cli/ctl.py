@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib.util
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -27,6 +29,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd import config as config_module
 from jobqd.cli import output
+from jobqd.cli import roll as rolling
 from jobqd.config.durations import format_duration, parse_duration
 from jobqd.config.settings import DatabaseHealthSettings, QueueSettings
 from jobqd.errors import (
@@ -39,13 +42,15 @@ from jobqd.errors import (
     PayloadError,
     first_line,
 )
-from jobqd.store import admin, bundles, jobs, queues
+from jobqd.store import admin, bundles, embedded, jobs, queues
 from jobqd.store import connections as db
 
-SYSTEM_CONFIG = Path("/etc/jobqd.yaml")
+SYSTEM_CONFIG = Path(config_module.DEFAULT_CONFIG)
 WATCH_INTERVAL = 2.0
 DEFAULT_WAIT = 5.0
 """Seconds a command keeps trying to reach the database before it gives up (--wait)."""
+ROLL_TIMEOUT = 300.0
+"""Seconds `jobqctl roll` waits for each daemon's roll (--timeout)."""
 RETRY_FIRST = 0.5
 RETRY_CAP = 5.0
 _TRANSIENT_REFUSALS = (
@@ -57,6 +62,8 @@ _TRANSIENT_REFUSALS = (
     "connection slots are reserved",
 )
 """What a server that answered says when trying again later can help (its FATAL messages)."""
+WAIT_POLL = 0.2  # `jobqctl wait`: seconds between looks at the jobs' states
+WAIT_NOTE_EVERY = 10.0  # and between its progress lines on stderr
 _CLEAR = "\x1b[H\x1b[2J"
 _BULK_NOTICE = 10_000  # bulk changes of more rows than this say so before they start
 
@@ -89,6 +96,7 @@ class Context:
     yes: bool
     out: TextIO
     err: TextIO
+    origin: str = ""
     wait: float = DEFAULT_WAIT
     _conn: psycopg.Connection | None = None
 
@@ -145,31 +153,63 @@ def _load_config(path: str | os.PathLike[str]) -> config_module.Settings:
 
 
 def _database(settings: config_module.Settings) -> str:
-    return db.resolve_url(settings.database.url, settings.database.data_dir)
+    """The conninfo a config names; for the embedded server, the one running in its data
+    directory, found as the daemon finds it. jobqctl never starts it: it runs while jobqd does."""
+    database = settings.database
+    if not database.is_embedded:
+        return database.url
+    url = embedded.find(database.data_dir)
+    if url is None:
+        raise CtlError(EXIT_UNREACHABLE, embedded.not_running(database.data_dir))
+    return url
 
 
-def resolve(
-    args: argparse.Namespace, env: os._Environ[str] | dict[str, str]
-) -> tuple[str, str, config_module.Settings | None]:
-    """(dsn, schema, settings) from -c FILE, --dsn, JOBQD_DATABASE_URL or /etc/jobqd.yaml."""
+@dataclass(frozen=True)
+class Target:
+    """Where the commands go: the conninfo (it may hold a password), the schema, the config
+    if one was read, and what named the database (for `jobqctl dsn --json`)."""
+
+    dsn: str
+    schema: str
+    settings: config_module.Settings | None
+    origin: str
+
+
+def resolve(args: argparse.Namespace, env: os._Environ[str] | dict[str, str]) -> Target:
+    """The database, the way jobqd finds it: -c FILE, --dsn URL, JOBQD_DATABASE_URL, the file
+    $JOBQD_CONFIG names, /etc/jobqd.yaml; else the embedded server that jobqd runs when its
+    config names no database (in the default data directory)."""
     settings = None
+    named = env.get(config_module.CONFIG_ENV)
     if args.config:
         settings = _load_config(args.config)
-        dsn = _database(settings)
+        origin = f"-c {args.config}"
     elif args.dsn:
-        dsn = args.dsn
+        dsn, origin = args.dsn, "--dsn"
     elif env.get("JOBQD_DATABASE_URL"):
-        dsn = env["JOBQD_DATABASE_URL"]
+        dsn, origin = env["JOBQD_DATABASE_URL"], "JOBQD_DATABASE_URL"
+    elif named:
+        settings = _load_config(named)
+        origin = f"${config_module.CONFIG_ENV} ({named})"
     elif SYSTEM_CONFIG.exists():
         settings = _load_config(SYSTEM_CONFIG)
-        dsn = _database(settings)
+        origin = str(SYSTEM_CONFIG)
     else:
-        _usage(
-            "no database given: pass -c FILE or --dsn URL, set JOBQD_DATABASE_URL, "
-            f"or create {SYSTEM_CONFIG}"
-        )
+        data_dir = embedded.default_data_dir()
+        found = embedded.find(data_dir)
+        if found is None:
+            _usage(
+                "no database given: pass -c FILE or --dsn URL, set JOBQD_DATABASE_URL, or "
+                f"create {SYSTEM_CONFIG}; no embedded PostgreSQL runs in {data_dir} either "
+                "(it runs while `jobqd -c FILE` does, for a config that names no database)"
+            )
+        dsn, origin = found, f"the embedded PostgreSQL in {data_dir}"
+    if settings is not None:
+        dsn = _database(settings)
+        if settings.database.is_embedded:
+            origin += f" (the embedded PostgreSQL in {settings.database.data_dir})"
     schema = args.schema or (settings.database.schema if settings else "jobqd")
-    return dsn, schema, settings
+    return Target(dsn, schema, settings, origin)
 
 
 def retry_delays(wait: float) -> list[float]:
@@ -361,6 +401,7 @@ def _status_text(document: dict[str, Any]) -> str:
             f"crash loop: {loop['host']} {loop['child']}: {loop['crash_loop']} "
             f"(last: {loop['last_exit']}; {loop['restarts']} restarts): see that node's log"
         )
+    parts += [_roll_line(entry) for entry in document.get("rolls") or ()]
     leader = document["leader"]
     if leader is None:
         parts.append("leader: none (no maintenance process holds the leader lock)")
@@ -390,6 +431,30 @@ def _paused_lines(queues: Iterable[dict[str, Any]], now: datetime) -> list[str]:
         )
         lines.append(f"paused: {q['queue']}{by}{since}{ends}")
     return lines
+
+
+def _roll_line(entry: dict[str, Any]) -> str:
+    """A node whose roll is under way or stopped halfway (admin.rolls)."""
+    node = f"roll: {entry['host']} master {entry['master_pid']}"
+    workers = {int(n): count for n, count in entry["workers"].items()}
+    newest = max(workers, default=0)
+    older = sum(count for n, count in workers.items() if n < newest)
+    roll = entry["roll"]
+    if roll and roll.get("state") in ("checking", "rolling"):
+        doing = ", ".join(roll.get("replacing") or ()) or "-"
+        return (
+            f"{node}: roll {roll['number']} {roll['state']}, {roll['replaced']}/{roll['total']}"
+            f" workers replaced (replacing: {doing})"
+        )
+    if roll and roll.get("state") == "failed":
+        return (
+            f"{node}: roll {roll['number']} stopped: {roll.get('error')}; {older} worker(s) "
+            "still run earlier code: fix it and `jobqctl roll` again on that host"
+        )
+    return (
+        f"{node}: {workers.get(newest, 0)} worker(s) run roll {newest}'s code, {older} earlier "
+        "code (a roll is under way or stopped: see that node's log)"
+    )
 
 
 def _unhandled_lines(groups: Iterable[dict[str, Any]]) -> list[str]:
@@ -724,7 +789,45 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
     queue = job.queue if job is not None else args.queue
     ctx.emit(
         {"id": job_id, "queue": queue, "task": args.task},
-        lambda: f"enqueued job {job_id} ({args.task} on queue {queue!r})",
+        lambda: (
+            str(job_id) if args.quiet else f"enqueued job {job_id} ({args.task} on queue {queue!r})"
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_wait(ctx: Context, args: argparse.Namespace) -> int:
+    """Until every job given has ended (succeeded, dead or cancelled): a script's way to
+    wait for work it enqueued. Exit 0 once they have, whatever their state."""
+    ids = list(dict.fromkeys(args.ids))
+    started = time.monotonic()
+    next_note = started + WAIT_NOTE_EVERY
+    while True:
+        states = jobs.states(ctx.conn, ctx.schema, ids)
+        missing = [str(i) for i in ids if i not in states]
+        if missing:
+            _not_found(
+                f"no job {', '.join(missing)}: check the id with `jobqctl jobs` "
+                "(it may have been pruned)"
+            )
+        waiting = [i for i in ids if states[i] in admin.CANCELLABLE_STATES]
+        if not waiting:
+            break
+        now = time.monotonic()
+        pending = ", ".join(f"{i} ({states[i]})" for i in waiting)
+        if now - started >= args.timeout:
+            raise CtlError(
+                EXIT_FAILURE,
+                f"job {pending} had not ended after {format_duration(args.timeout)}: "
+                "pass a longer --timeout, or look at it with `jobqctl show ID`",
+            )
+        if now >= next_note:
+            ctx.note(f"jobqctl: waiting for job {pending}")
+            next_note = now + WAIT_NOTE_EVERY
+        time.sleep(min(WAIT_POLL, max(0.0, started + args.timeout - now)))
+    ctx.emit(
+        {"states": {str(i): states[i] for i in ids}},
+        lambda: "\n".join(f"job {i}: {states[i]}" for i in ids),
     )
     return EXIT_OK
 
@@ -911,6 +1014,77 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dsn(ctx: Context, args: argparse.Namespace) -> int:
+    url = db.as_url(ctx.dsn, password=args.show_password)
+    has_password = bool(db.password_of(ctx.dsn))
+    if has_password and not args.show_password:
+        ctx.note("jobqctl: the password is left out; pass --show-password to print it")
+    ctx.emit(
+        {
+            "url": url,
+            "schema": ctx.schema,
+            "from": ctx.origin,
+            "password": ("shown" if args.show_password else "left out") if has_password else None,
+        },
+        lambda: url,
+    )
+    return EXIT_OK
+
+
+def _psql_program() -> str:
+    """psql on PATH, else the one pgserver ships (the embedded extra), else a usage error."""
+    found = shutil.which("psql")
+    if found:
+        return found
+    spec = importlib.util.find_spec("pgserver")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        bundled = Path(location) / "pginstall" / "bin" / "psql"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
+    raise CtlError(
+        EXIT_FAILURE,
+        "psql is not installed: install the PostgreSQL client (Debian and Ubuntu: apt install "
+        "postgresql-client; Fedora: dnf install postgresql; macOS: brew install libpq), or "
+        "point any client at the URL `jobqctl dsn` prints",
+    )
+
+
+def cmd_psql(ctx: Context, args: argparse.Namespace) -> NoReturn:
+    program = _psql_program()
+    extra = args.psql_args[1:] if args.psql_args[:1] == ["--"] else args.psql_args
+    env = dict(os.environ)
+    password = db.password_of(ctx.dsn)
+    if password:  # in the environment, where other users cannot read it (ps shows argv)
+        env["PGPASSWORD"] = password
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(program, ["psql", db.as_url(ctx.dsn, password=False), *extra], env)
+    except OSError as exc:
+        raise CtlError(EXIT_FAILURE, f"cannot run {program}: {exc.strerror or exc}") from None
+
+
+def cmd_roll(ctx: Context, args: argparse.Namespace) -> int:
+    """Roll new task code through the workers of this host's masters (jobqd.cli.roll)."""
+    grace = ctx.settings.reaper.process_grace if ctx.settings else admin.DEFAULT_STALE_AFTER
+    listed = admin.processes(ctx.conn, ctx.schema, stale_after=grace)
+    ctx.close()  # nothing more to ask the database while the roll runs
+    try:
+        outcomes = rolling.roll_host(listed, timeout=args.timeout, note=ctx.note)
+    except rolling.RollFailed as exc:
+        raise CtlError(EXIT_FAILURE, str(exc)) from None
+
+    def human() -> str:
+        return "\n".join(
+            f"{o.host} master {o.master_pid}: roll {o.roll} done: {o.replaced} worker(s) "
+            f"replaced in {o.seconds:.1f}s"
+            for o in outcomes
+        )
+
+    ctx.emit({"masters": [o.document() for o in outcomes]}, human)
+    return EXIT_OK
+
+
 # -- the command line ------------------------------------------------------------------------
 
 
@@ -993,6 +1167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=_positive_int)
     p.add_argument("--dedup-key")
     p.add_argument("--idempotency-key")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the job's id")
+    p = command("wait", cmd_wait, "wait until jobs have ended; print their states")
+    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID")
+    p.add_argument(
+        "--timeout", type=_duration, default=60.0, help="give up after this long (default 1m)"
+    )
     p = command("bundles", cmd_bundles, "list bundles, newest first")
     p.add_argument("--unfinished", action="store_true", help="only bundles still waiting")
     p.add_argument("--limit", type=_positive_int, default=50)
@@ -1008,6 +1188,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("list", "run"))
     p.add_argument("name", nargs="?")
     command("prune", cmd_prune, "delete finished jobs past retention now")
+    p = command("dsn", cmd_dsn, "print the database's URL, for psql and other clients")
+    p.add_argument(
+        "--show-password",
+        action="store_true",
+        help="include the password the URL came with (left out by default)",
+    )
+    p = command("psql", cmd_psql, "open psql on the database (arguments after -- go to psql)")
+    p.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="-- PSQL-ARGUMENTS")
+    p = command("roll", cmd_roll, "replace every worker on this host's daemons with new code")
+    p.add_argument(
+        "--timeout",
+        type=_duration,
+        default=ROLL_TIMEOUT,
+        metavar="DURATION",
+        help=f"give up waiting for a daemon's roll after this long (default {ROLL_TIMEOUT:g}s)",
+    )
     return parser
 
 
@@ -1046,18 +1242,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ctx = None
     try:
-        dsn, schema, settings = resolve(args, os.environ)
+        target = resolve(args, os.environ)
         ctx = Context(
-            dsn=dsn,
-            schema=schema,
-            settings=settings,
+            dsn=target.dsn,
+            schema=target.schema,
+            settings=target.settings,
+            origin=target.origin,
             json=bool(args.json),
             yes=bool(getattr(args, "yes", False)),
             wait=DEFAULT_WAIT if args.wait is None else args.wait,
             out=sys.stdout,
             err=sys.stderr,
         )
-        with _failures(dsn):
+        with _failures(target.dsn):
             return args.handler(ctx, args)
     except CtlError as exc:
         sys.stdout.flush()

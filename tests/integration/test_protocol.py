@@ -5,8 +5,10 @@ its leases reaped like any other; grant_worker; the SQL backoff against Python's
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -336,3 +338,22 @@ def test_worker_role_claims_and_finishes_and_does_nothing_else(dsn, conn, worker
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 c.execute(statement)
     assert job(conn, secret[0])["state"] == "queued"
+
+
+def test_the_sql_in_docs_protocol_md_runs_as_written(conn):
+    """Every sql block of docs/protocol.md, in order, on a fresh database (the role renamed to
+    one of this test's own)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", text, flags=re.S)
+    role = f"jobqd_protocol_docs_{uuid.uuid4().hex[:8]}"
+    try:
+        for block in blocks:
+            conn.execute(block.replace("node_worker", role))
+    finally:
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE IF EXISTS {role}")
+    ended = conn.execute("SELECT id, state, attempt FROM jobqd.jobs ORDER BY id").fetchall()
+    assert ended == [(1, "succeeded", 1), (2, "queued", 1), (3, "queued", 0), (4, "dead", 1)]
+    assert conn.execute("SELECT paused FROM jobqd.queues WHERE name = 'emails'").fetchone() == (
+        False,
+    )
