@@ -72,6 +72,7 @@ class HttpWorker {
     this.stopping = false;
     this.claiming = null; // the AbortController of the claim being long-polled
     this.slotFreed = null; // resolves the wait for a free slot
+    this.drained = new AbortController(); // aborted once run() has nothing left in flight
   }
 
   /** One JSON request; resolves to the parsed answer, rejects with an HttpError. */
@@ -109,6 +110,7 @@ class HttpWorker {
       while (this.inflight.size > 0) await new Promise((resolve) => (this.slotFreed = resolve));
     } finally {
       this.stopping = true;
+      this.drained.abort(); // the heartbeat loop's wait ends now, not lease/3 later
       await beats;
     }
   }
@@ -155,7 +157,8 @@ class HttpWorker {
   async heartbeats() {
     const every = (this.leaseSeconds * 1000) / 3;
     while (!(this.stopping && this.inflight.size === 0)) {
-      await sleep(every);
+      await sleep(every, undefined, { signal: this.drained.signal }).catch(() => {});
+      if (this.drained.signal.aborted) return;
       // Jobs whose outcome is being written are left out: their lease ends with it.
       const held = [...this.inflight.values()].filter((e) => !e.lost && !e.finishing);
       const now = Date.now();
