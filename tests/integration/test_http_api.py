@@ -109,6 +109,10 @@ def test_claim_heartbeat_and_every_outcome(api, dsn):
         dsn, "SELECT lease_expires_at - now() FROM jobqd.jobs WHERE id = %s", (first["id"],)
     )
     assert left.total_seconds() > 50
+    status, body = post(
+        api, f"/jobs/{first['id']}/heartbeat", {"lease_token": first["lease_token"] + 1, "lease": 9}
+    )
+    assert status == 409 and body["error"].startswith(f"lease lost: job {first['id']} is running")
     status, batch = post(
         api,
         "/jobs/heartbeat",
