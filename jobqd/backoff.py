@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,11 @@ class Backoff:
         if self.jitter:
             delay *= 1 + random.uniform(-self.jitter, self.jitter)
         return max(0.0, delay if self.kind == "fixed" else min(self.cap, delay))
+
+    def as_json(self) -> str:
+        """The fields as the database keeps them (queues.backoff, tasks.backoff), for the SQL
+        protocol's fail(), whose backoff_delay() computes `delay` the same way."""
+        return json.dumps(asdict(self))
 
     @classmethod
     def from_settings(cls, settings: object) -> Backoff:

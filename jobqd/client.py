@@ -231,9 +231,17 @@ class Client:
         with self._connection(conn) as c:
             return job_rows.cancel(c, self.schema, job_id)
 
-    def pause(self, queue: str, *, conn: psycopg.Connection | None = None) -> None:
+    def pause(
+        self,
+        queue: str,
+        *,
+        duration: float | None = None,
+        paused_by: str | None = None,
+        conn: psycopg.Connection | None = None,
+    ) -> None:
+        """Stop every node claiming from `queue`, for `duration` seconds or until resumed."""
         with self._connection(conn) as c:
-            queues.pause(c, self.schema, queue)
+            queues.pause(c, self.schema, queue, duration=duration, paused_by=paused_by)
 
     def resume(self, queue: str, *, conn: psycopg.Connection | None = None) -> None:
         with self._connection(conn) as c:

@@ -8,11 +8,13 @@ print a table (or `--json`, one document). Exit codes: 0 ok, 1 not found or noth
 from __future__ import annotations
 
 import argparse
+import getpass
 import importlib.util
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -310,6 +312,13 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_duration(text: str) -> float:
+    seconds = _duration(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration, e.g. 10m")
+    return seconds
+
+
 def _time(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
@@ -366,6 +375,7 @@ def _status_text(document: dict[str, Any]) -> str:
         headers = ("QUEUE", "QUEUED", "SCHEDULED", "RETRYING", "RUNNING", "DEAD", "OK/1H")
         headers += ("OLDEST", "JOBS/MIN")
         parts.append(output.table(headers, rows, right=range(1, 9)))
+        parts += _paused_lines(queues, document["time"])
     else:
         parts.append("no queues yet: nothing was ever enqueued")
     parts.append("")
@@ -403,6 +413,25 @@ def _status_text(document: dict[str, Any]) -> str:
             f"leader: database backend {leader.get('backend_pid')} (process not registered)"
         )
     return "\n".join(parts)
+
+
+def _paused_lines(queues: Iterable[dict[str, Any]], now: datetime) -> list[str]:
+    """Who paused each paused queue, when, and until when."""
+    lines = []
+    for q in queues:
+        if not q["paused"]:
+            continue
+        by = f" by {q['paused_by']}" if q.get("paused_by") else ""
+        since = f" at {output.when(q['paused_at'])}" if q.get("paused_at") else ""
+        until = q.get("paused_until")
+        ends = (
+            f", until {output.when(until)} (resumes by itself in "
+            f"{output.age(_seconds_between(now, until))})"
+            if until is not None
+            else f", until `jobqctl resume {q['queue']}`"
+        )
+        lines.append(f"paused: {q['queue']}{by}{since}{ends}")
+    return lines
 
 
 def _roll_line(entry: dict[str, Any]) -> str:
@@ -582,7 +611,12 @@ def cmd_jobs(ctx: Context, args: argparse.Namespace) -> int:
 
 def _show_text(job: dict[str, Any], limit: int) -> str:
     process = job["process"]
-    held_by = f"{process['host']} pid {process['pid']}" if process else job["locked_by"]
+    if not process:
+        held_by = job["locked_by"]
+    elif process["role"] == "external":  # a worker of the SQL or HTTP protocol, by its name
+        held_by = f"external worker {process['host']!r}"
+    else:
+        held_by = f"{process['host']} pid {process['pid']}"
     pairs = [
         ("id", job["id"]),
         ("queue", job["queue"]),
@@ -692,18 +726,34 @@ def cmd_delete(ctx: Context, args: argparse.Namespace) -> int:
     return _by_ids(ctx, args.ids, "deleted", jobs.delete, "running jobs: cancel them first")
 
 
+def _operator() -> str:
+    """Who is pausing, as jobqctl status shows it: the login user and this host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
 def cmd_pause(ctx: Context, args: argparse.Namespace) -> int:
     if not args.force and not queues.known(ctx.conn, ctx.schema, args.queue):
         _not_found(
             f"no queue {args.queue!r}: no daemon serves it, no task names it and it has no "
             "jobs; check the name with `jobqctl status`, or pass --force to pause it anyway"
         )
-    queues.pause(ctx.conn, ctx.schema, args.queue)
+    by = args.by or _operator()
+    until = queues.pause(ctx.conn, ctx.schema, args.queue, duration=args.duration, paused_by=by)
+    lasts = (
+        f"for {format_duration(args.duration)} (until {output.when(until)}), then it resumes "
+        "by itself"
+        if args.duration is not None
+        else "until resumed"
+    )
     ctx.emit(
-        {"queue": args.queue, "paused": True},
+        {"queue": args.queue, "paused": True, "paused_by": by, "paused_until": until},
         lambda: (
-            f"queue {args.queue!r} paused: every node stops claiming from it within its "
-            "poll interval; running jobs finish. Undo with `jobqctl resume "
+            f"queue {args.queue!r} paused {lasts}: every node stops claiming from it within "
+            "its poll interval; running jobs finish. Undo with `jobqctl resume "
             f"{args.queue}`"
         ),
     )
@@ -1098,6 +1148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="+", type=_job_id, metavar="ID", help="job ids")
     p = command("pause", cmd_pause, "stop claiming from a queue on every node")
     p.add_argument("queue", help="the queue to pause")
+    p.add_argument(
+        "--for",
+        dest="duration",
+        type=_positive_duration,
+        metavar="DURATION",
+        help="resume by itself after this long, e.g. 10m, 2h",
+    )
+    p.add_argument("--by", help="who pauses, shown by status (default: user@host)")
     p.add_argument("--force", action="store_true", help="pause a queue the cluster does not know")
     p = command("resume", cmd_resume, "claim from a paused queue again")
     p.add_argument("queue", help="the queue to resume")

@@ -144,7 +144,18 @@ TEXT: dict[str, str] = {
     "fire.",
     "http": "The http child: /metrics, /healthz, /readyz and the JSON API.",
     "http.listen": '"host:port", e.g. 127.0.0.1:9187. Unset: no HTTP server.',
-    "http.token_env": "The environment variable that holds the bearer token for POST /jobs.",
+    "http.token_env": "The environment variable of one more admin token (every scope), so a "
+    "setup from before scopes keeps every right it had.",
+    "http.tokens": "Bearer tokens by scope: `worker` (claim, heartbeat, finish, queue depth), "
+    "`enqueue` (POST /jobs only), `admin` (everything), each the name of an environment "
+    "variable holding the token, or a list of names. The YAML never holds a token; values are "
+    "read when the http child starts, so a new value takes a restart.",
+    "http.max_claim": "The most jobs one POST /queues/{queue}/claim may ask for with `max`; "
+    "more is a 400 naming this setting.",
+    "http.max_wait": "The longest `wait` a claim may long-poll; keep it below your proxies' "
+    "idle timeout.",
+    "http.max_waiters": "Claims that may long-poll at once in the http child; one more gets "
+    "503 with Retry-After: 1 (claims without `wait` are still served).",
     "http.max_body": "The largest request body accepted.",
     "database_health": "When `jobqctl status` and /metrics warn that vacuum is held back.",
     "database_health.holder_age": "A transaction or snapshot open this long keeps dead jobs "
@@ -199,6 +210,7 @@ def _kind(key: str, read: Callable[..., Any], nullable: bool) -> str:
         "_command": "list of strings",
         "_environment": "mapping of names to strings",
         "_args": "mapping (JSON values)",
+        "_tokens": "mapping of scopes to environment variable names",
     }
     if maker == "_choice":
         kind = "one of " + ", ".join(_cells(read)["options"])

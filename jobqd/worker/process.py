@@ -315,6 +315,7 @@ class Worker(ChildProcess):
                 "queue": self.config.queue,
                 "max_attempts": self.config.max_attempts,
                 "delivery": self.config.delivery,
+                "backoff": self.config.backoff.as_json(),
             },
         )
         if self.config.events is not None:
@@ -330,6 +331,9 @@ class Worker(ChildProcess):
                     "queue": spec.queue,
                     "max_attempts": spec.max_attempts,
                     "delivery": spec.delivery,
+                    "backoff": spec.backoff.as_json()
+                    if isinstance(spec.backoff, Backoff)
+                    else None,
                 },
             )
 

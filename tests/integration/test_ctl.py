@@ -7,6 +7,7 @@ import os
 import pty
 import subprocess
 import sys
+from datetime import datetime
 
 import psycopg
 import pytest
@@ -227,6 +228,32 @@ def test_migrate_twice_and_dry_run(empty_dsn):
     assert (code, out.strip()) == (0, "schema 'jobqd' is up to date: nothing to apply")
 
 
+def test_timed_pause_says_who_since_and_until(dsn, conn):
+    conn.execute("SELECT jobqd.enqueue('q', 't')")
+    paused = as_json("pause", "q", "--for", "10m", dsn=dsn)
+    assert paused["paused"] is True and "@" in paused["paused_by"]
+    row = conn.execute(
+        "SELECT paused_until - paused_at, paused_until FROM jobqd.queues WHERE name = 'q'"
+    ).fetchone()
+    assert row[0].total_seconds() == 600
+    assert datetime.fromisoformat(paused["paused_until"]) == row[1]
+    status = {q["queue"]: q for q in as_json("status", dsn=dsn)["queues"]}["q"]
+    assert (status["paused"], status["paused_by"]) == (True, paused["paused_by"])
+    assert status["paused_until"] == paused["paused_until"] and status["paused_at"]
+    code, out, _ = jobqctl("status", dsn=dsn)
+    line = next(x for x in out.splitlines() if x.startswith("paused: q"))
+    assert line.startswith(f"paused: q by {paused['paused_by']} at ")
+    assert "resumes by itself in 9m5" in line or "resumes by itself in 10m00s" in line
+    code, _, err = jobqctl("pause", "q", "--for", "0s", dsn=dsn)
+    assert code == 2 and "not a positive duration" in err
+    # Once the time is up the queue is not paused, with nothing run to end it.
+    conn.execute("UPDATE jobqd.queues SET paused_until = now() - interval '1 second'")
+    status = {q["queue"]: q for q in as_json("status", dsn=dsn)["queues"]}["q"]
+    assert (status["paused"], status["paused_by"], status["paused_until"]) == (False, None, None)
+    code, out, _ = jobqctl("status", dsn=dsn)
+    assert "paused" not in out
+
+
 def test_queue_operations(dsn, conn):
     code, out, _ = jobqctl("enqueue", "t", "--queue", "q", "--args", '{"n": 1}', dsn=dsn)
     assert code == 0 and out.startswith("enqueued job ")
@@ -234,7 +261,8 @@ def test_queue_operations(dsn, conn):
     ids.append(as_json("enqueue", "t", "--queue", "q", "--delay", "5m", dsn=dsn)["id"])
     assert scalar(dsn, "SELECT priority FROM jobqd.jobs WHERE id = %s", (ids[0],)) == -2
 
-    assert as_json("pause", "q", dsn=dsn) == {"queue": "q", "paused": True}
+    paused = as_json("pause", "q", "--by", "ops", dsn=dsn)
+    assert paused == {"queue": "q", "paused": True, "paused_by": "ops", "paused_until": None}
     assert scalar(dsn, "SELECT paused FROM jobqd.queues WHERE name = 'q'") is True
     assert as_json("resume", "q", dsn=dsn) == {"queue": "q", "paused": False}
 

@@ -41,7 +41,13 @@ def publish(conn, name, queue, max_attempts=None):
     """What a worker's sync_definitions writes for one task."""
     conn.execute(
         SQL.tasks_sync,
-        {"name": name, "queue": queue, "max_attempts": max_attempts, "delivery": None},
+        {
+            "name": name,
+            "queue": queue,
+            "max_attempts": max_attempts,
+            "delivery": None,
+            "backoff": None,
+        },
     )
 
 

@@ -29,7 +29,13 @@ def publish(conn, name, *, queue="default", max_attempts=None, delivery=None):
     """What a worker's sync_definitions writes for one task or route."""
     conn.execute(
         SQL.tasks_sync,
-        {"name": name, "queue": queue, "max_attempts": max_attempts, "delivery": delivery},
+        {
+            "name": name,
+            "queue": queue,
+            "max_attempts": max_attempts,
+            "delivery": delivery,
+            "backoff": None,
+        },
     )
 
 
@@ -92,7 +98,7 @@ def test_jobqctl_shows_the_limit_the_reaper_applies(conn, dsn):
     takes its queue's, not a shorter route's."""
     publish(conn, "lim.*", max_attempts=4)
     publish(conn, "lim.a")
-    queue = {"queue": "default", "max_attempts": 7, "delivery": "at_least_once"}
+    queue = {"queue": "default", "max_attempts": 7, "delivery": "at_least_once", "backoff": None}
     conn.execute(SQL.queues_sync, queue)
     owner = process(conn)
     exact, routed = expired_job(conn, "lim.a", owner, 4), expired_job(conn, "lim.b", owner, 4)

@@ -4,23 +4,12 @@
 -- taking back jobs whose worker is gone.
 
 -- name: leases_claim
--- Take up to `limit` due jobs of one queue, in claim order, unless the queue is paused.
-WITH picked AS (
-    SELECT id FROM {schema}.jobs
-     WHERE queue = %(queue)s AND state = 'queued' AND run_at <= now()
-       AND NOT EXISTS (SELECT 1 FROM {schema}.queues q WHERE q.name = %(queue)s AND q.paused)
-     ORDER BY priority, run_at, id
-     LIMIT %(limit)s
-       FOR UPDATE SKIP LOCKED
-)
-UPDATE {schema}.jobs j
-   SET state = 'running', attempt = j.attempt + 1, started_at = now(),
-       lease_expires_at = now() + %(lease)s * interval '1 second',
-       lease_token = nextval('{schema}.lease_tokens'), locked_by = %(process_id)s
-  FROM picked
- WHERE j.id = picked.id
-RETURNING j.id, j.task, j.args::text, j.attempt, j.max_attempts, j.lease_token,
-          extract(epoch FROM j.created_at)::float8, extract(epoch FROM j.started_at)::float8
+-- Take up to `limit` due jobs of one queue, in claim order, unless the queue is paused: the
+-- claim external workers make too (migration 0006), so the two cannot drift.
+SELECT id, task, args::text, attempt, max_attempts, lease_token,
+       extract(epoch FROM created_at)::float8, extract(epoch FROM started_at)::float8
+  FROM {schema}.claim_batch(%(queue)s, %(limit)s, %(lease)s * interval '1 second',
+                            %(process_id)s)
 
 -- name: leases_renew
 -- Renew every lease this process holds and its own liveness in one statement; the ids that
@@ -30,46 +19,20 @@ WITH alive AS (
      WHERE id = %(process_id)s
     RETURNING id
 )
-UPDATE {schema}.jobs j
-   SET lease_expires_at = now() + %(lease)s * interval '1 second'
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS held(id, token)
- WHERE j.id = held.id AND j.lease_token = held.token AND j.state = 'running'
-RETURNING j.id, (SELECT count(*) FROM alive)
+SELECT r.id, (SELECT count(*) FROM alive)
+  FROM {schema}.renew_batch(%(ids)s::bigint[], %(tokens)s::bigint[],
+                            %(lease)s * interval '1 second') r
 
 -- name: leases_complete_succeeded
 -- The common case of `finish`, kept lean: successes without a result value.
-UPDATE {schema}.jobs j
-   SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL, lease_token = NULL,
-       locked_by = NULL
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS o(id, token)
- WHERE j.id = o.id AND j.lease_token = o.token AND j.state = 'running'
-RETURNING j.id
+SELECT id FROM {schema}.succeed_batch(%(ids)s::bigint[], %(tokens)s::bigint[])
 
 -- name: leases_complete
 -- Write a batch of outcomes. `delays` is seconds from now for re-queued jobs; a snoozed
 -- attempt is not counted; errors are appended to the capped history.
-UPDATE {schema}.jobs j
-   SET state = o.state,
-       run_at = CASE WHEN o.state = 'queued'
-                     THEN now() + o.delay * interval '1 second' ELSE j.run_at END,
-       finished_at = CASE WHEN o.state = 'queued' THEN NULL ELSE now() END,
-       attempt = j.attempt - o.snooze::int,
-       result = o.result,
-       last_error = coalesce(o.error->>'message', j.last_error),
-       errors = CASE WHEN o.error IS NULL THEN j.errors
-                     ELSE (SELECT coalesce(jsonb_agg(e ORDER BY n), '[]')
-                             FROM jsonb_array_elements(j.errors || jsonb_build_array(o.error))
-                                  WITH ORDINALITY AS h(e, n)
-                            WHERE n > jsonb_array_length(j.errors) + 1
-                                      - (SELECT error_history FROM {schema}.settings))
-                END,
-       lease_expires_at = NULL, lease_token = NULL, locked_by = NULL, unhandled_since = NULL
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(states)s::text[],
-              %(delays)s::float8[], %(results)s::text[]::jsonb[], %(errors)s::text[]::jsonb[],
-              %(snoozes)s::boolean[])
-       AS o(id, token, state, delay, result, error, snooze)
- WHERE j.id = o.id AND j.lease_token = o.token AND j.state = 'running'
-RETURNING j.id
+SELECT id FROM {schema}.finish_batch(%(ids)s::bigint[], %(tokens)s::bigint[], %(states)s::text[],
+                                     %(delays)s::float8[], %(results)s::text[]::jsonb[],
+                                     %(errors)s::text[]::jsonb[], %(snoozes)s::boolean[])
 
 -- name: leases_release
 -- Give unfinished jobs back at once (drain deadline, fast stop): the attempt is not spent,
@@ -121,6 +84,8 @@ WITH expired AS (
                'kind', CASE WHEN %(reason)s::text IS NULL THEN 'LeaseExpired'
                             ELSE 'WorkerExited' END,
                'message', CASE
+                   WHEN %(reason)s::text IS NULL AND p.role = 'external'
+                   THEN format('lease expired: external worker %%L stopped renewing it', p.host)
                    WHEN %(reason)s::text IS NULL
                    THEN format('lease expired: worker process %%s (%%s pid %%s) stopped renewing it',
                                j.locked_by, coalesce(p.host, 'unknown host'),

@@ -15,9 +15,14 @@ RETURNING id
 
 -- name: processes_silent
 -- Processes that stopped heartbeating longer than the grace ago. The row lock makes a late
--- heartbeat of such a process wait, then find its row gone and register again.
-SELECT id, host, pid, role, queue, heartbeat_at FROM {schema}.processes
+-- heartbeat of such a process wait, then find its row gone and register again. An external
+-- worker (the SQL protocol's claim) owes no heartbeat of its own: its jobs' leases expire like
+-- any other, and its row goes only once it holds none.
+SELECT id, host, pid, role, queue, heartbeat_at FROM {schema}.processes p
  WHERE heartbeat_at < now() - %(grace)s * interval '1 second'
+   AND (role <> 'external'
+        OR NOT EXISTS (SELECT 1 FROM {schema}.jobs j
+                        WHERE j.locked_by = p.id AND j.lease_expires_at IS NOT NULL))
  ORDER BY heartbeat_at
  LIMIT %(batch)s
    FOR UPDATE SKIP LOCKED
