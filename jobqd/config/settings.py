@@ -427,10 +427,41 @@ class MaintenanceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DashboardAuthSettings:
+    """Who may act in the dashboard: a token, or a basic-auth user and password, each read
+    from an environment variable (never from the file)."""
+
+    token_env: str | None = _key(None, _matching(_ENV_NAME, "an environment variable"))
+    user_env: str | None = _key(None, _matching(_ENV_NAME, "an environment variable"))
+    password_env: str | None = _key(None, _matching(_ENV_NAME, "an environment variable"))
+
+    def __post_init__(self) -> None:
+        basic = (self.user_env is not None, self.password_env is not None)
+        if self.token_env is not None and any(basic):
+            raise InvalidSetting(
+                "token_env", "give token_env or user_env and password_env, not both"
+            )
+        if self.token_env is None and not all(basic):
+            missing = "password_env" if basic[0] else "user_env"
+            raise InvalidSetting(
+                missing, "give token_env, or both user_env and password_env (basic auth)"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class HttpSettings:
     listen: str | None = _key(None, _listen)  # "host:port"; None: no HTTP server
     token_env: str = _key("JOBQD_HTTP_TOKEN", _matching(_ENV_NAME, "an environment variable"))
     max_body: int = _key(2**20, _size)
+    dashboard: bool = _key(False, _boolean)  # serve the web dashboard at /dashboard/
+    # without it the dashboard is read-only; with it, sign-in is needed to see it at all
+    dashboard_auth: DashboardAuthSettings | None = _section(DashboardAuthSettings, default=None)
+
+    def __post_init__(self) -> None:
+        if self.dashboard and self.listen is None:
+            raise InvalidSetting(
+                "dashboard", "the dashboard is served on http.listen: set it, e.g. 127.0.0.1:9187"
+            )
 
     @property
     def host(self) -> str | None:

@@ -59,7 +59,14 @@ from jobqd.daemon.lifecycle import (
     ProcessRow,
     Stopping,
 )
-from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError, first_line
+from jobqd.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    DatabaseUnavailable,
+    JobqdError,
+    PayloadError,
+    first_line,
+)
 from jobqd.observe.metrics import (
     CONTENT_TYPE,
     DatabaseMetrics,
@@ -479,6 +486,7 @@ class Handler(BaseHTTPRequestHandler):
     """HTTP for App: routing, size and time caps, JSON errors."""
 
     app: App  # set on the subclass made by make_server
+    dashboard: Any = None  # a jobqd.http.dashboard.Dashboard when http.dashboard is on
     max_body: int
     timeout = REQUEST_TIMEOUT
     server_version = "jobqd"
@@ -502,6 +510,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        if self.dashboard is not None and self.dashboard.handles(path):
+            self.dashboard.serve(self)
+            return
         try:
             if method == "GET" and path == "/metrics":
                 self._send(HTTPStatus.OK, self.app.metrics().encode(), CONTENT_TYPE)
@@ -583,12 +594,13 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_server(
-    settings: Any, app: App, listener: socket.socket | None = None
+    settings: Any, app: App, listener: socket.socket | None = None, dashboard: Any = None
 ) -> ThreadingHTTPServer:
-    """A server for `app` on `listener` (the socket the master bound), or binding
-    `http.listen` itself (IPv4 or IPv6) when there is none."""
+    """A server for `app` (and `dashboard`, if any) on `listener` (the socket the master
+    bound), or binding `http.listen` itself (IPv4 or IPv6) when there is none."""
     host, port = settings.http.host, settings.http.port
-    handler = type("BoundHandler", (Handler,), {"app": app, "max_body": settings.http.max_body})
+    attributes = {"app": app, "dashboard": dashboard, "max_body": settings.http.max_body}
+    handler = type("BoundHandler", (Handler,), attributes)
     server_class = _Server
     if ":" in (host or ""):
         server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
@@ -708,8 +720,20 @@ def serve(
     feed = Feed()
     token = os.environ.get(settings.http.token_env) or None
     app = App(settings, dsn, feed, token)
+    dashboard = None
+    if settings.http.dashboard:
+        from jobqd.http import dashboard as web
+
+        try:
+            dashboard = web.build(
+                app.schema, settings, app.sessions.session, settings.http.dashboard_auth
+            )
+        except JobqdError as exc:
+            log.error("cannot serve the dashboard: %s", exc)
+            return EXIT_FAILURE
+        log.info("dashboard at /dashboard/, %s", dashboard.auth.describe())
     try:
-        server = make_server(settings, app, listener)
+        server = make_server(settings, app, listener, dashboard)
     except OSError as exc:
         log.error("cannot listen on %s: %s", settings.http.listen, exc.strerror or exc)
         return EXIT_FAILURE
