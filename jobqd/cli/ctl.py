@@ -875,7 +875,7 @@ def cmd_dashboard(ctx: Context, args: argparse.Namespace) -> int:
         auth = DashboardAuthSettings(token_env=args.token_env)
     else:
         auth = ctx.settings.http.dashboard_auth if ctx.settings else None
-    ctx.conn.execute("SELECT 1")  # a dashboard that cannot read the database says so now
+    admin.processes(ctx.conn, ctx.schema)  # unreachable or unmigrated: say so now, not later
     sessions = Sessions(ctx.dsn, application_name="jobqctl")
     try:
         dashboard = web.build(ctx.schema, ctx.settings, sessions.session, auth)

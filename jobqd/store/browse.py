@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -123,5 +124,12 @@ def pickup(conn: psycopg.Connection, schema: str) -> dict[str, dict[str, float]]
 
 
 def queue_rows(conn: psycopg.Connection, schema: str) -> dict[str, dict[str, Any]]:
-    """Every row of jobqd.queues, by name, with whatever columns the schema has."""
-    return {name: row for name, row in conn.execute(queries(schema).browse_queues)}
+    """Every row of jobqd.queues, by name, with whatever columns the schema has; times
+    (columns named *_at or *_until) as datetimes."""
+    rows = {}
+    for name, row in conn.execute(queries(schema).browse_queues):
+        for key, value in row.items():
+            if isinstance(value, str) and key.endswith(("_at", "_until")):
+                row[key] = datetime.fromisoformat(value)
+        rows[name] = row
+    return rows
