@@ -3,11 +3,13 @@ hour minute by minute, pickup latency, and the queues table as it is.
 
 The jobs list must answer quickly at millions of rows whatever the filters. Dead and cancelled
 jobs have an index of their own (jobs_ended_browse), so a page of them is one index range.
-Any other filter is answered slice by slice: each statement reads at most `SLICE` ids of the
+Any other filter is answered slice by slice: each statement reads one range of ids of the
 primary key, newest first, until the page is full, the ids run out, or `budget` seconds have
 passed; then the page says how far down it searched, and the next request carries on from
-there. A filter that matches few jobs thus costs a bounded time per page instead of a walk
-of the whole table.
+there. Slices start small and grow with the rate the last one was read at, so that one slice
+fits the budget left whatever the filter costs per row (a text search reads every row's args).
+A filter that matches few jobs thus costs a bounded time per page instead of a walk of the
+whole table.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from psycopg.rows import dict_row
 
 from jobqd.store.sql import queries
 
-SLICE = 50_000
+SLICE = 200_000
 """Ids of the primary key one statement of the jobs list reads at most."""
-BUDGET = 0.15
+FIRST_SLICE = 2_000
+"""Ids the first statement of a page reads; later ones grow with the rate measured."""
+BUDGET = 0.1
 """Seconds a jobs-list page goes on searching slices before it answers with what it found."""
 INDEXED_STATES = ("dead", "cancelled")
 """States whose jobs the list reads from jobs_ended_browse, without slicing."""
@@ -87,23 +91,29 @@ def jobs(
         filters.text or filters.task
     )
     deadline = time.monotonic() + budget
+    size = min(FIRST_SLICE, slice_ids)
     cur = conn.cursor(row_factory=dict_row)
     while top > low:
-        floor = low if exact else max(low, top - slice_ids)
+        floor = low if exact else max(low, top - size)
         params = {**filters.params(), "before": top, "floor": floor}
         params["limit"] = limit + 1 - len(page.rows)
+        began = time.monotonic()
         # Not prepared: the filters decide the plan, and a generic plan would fit none.
         found = cur.execute(sql.browse_jobs, params, prepare=False).fetchall()
+        took = time.monotonic() - began
         page.statements += 1
         page.rows.extend(found)
         if len(page.rows) > limit:
             del page.rows[limit:]
             page.next_before = page.rows[-1]["id"]
             return page
-        top = floor
-        if top > low and time.monotonic() >= deadline:
+        read, top = top - floor, floor
+        left = deadline - time.monotonic()
+        if top > low and left <= 0:
             page.next_before = page.searched_to = top
             return page
+        fits = read / max(took, 1e-4) * left  # ids the time left can read at this rate
+        size = int(max(min(FIRST_SLICE, slice_ids), min(slice_ids, 4 * size, fits)))
     return page
 
 

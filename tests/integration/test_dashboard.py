@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 import psycopg
 import pytest
 
-from jobqd.config.settings import ConfigError, DashboardAuthSettings, parse
+from jobqd.config.settings import DashboardAuthSettings, parse
 from jobqd.http import dashboard as web
 from jobqd.http.dashboard import standalone
 from jobqd.http.server import Sessions
@@ -319,16 +319,3 @@ def test_actions_change_the_database(serve: Any, conn: psycopg.Connection, dsn: 
     assert conn.execute(task).fetchone()[0] == 1
     _, headers, _ = client.post("/dashboard/cron/missing/run", {"csrf": csrf})
     assert "missing" in client.get(headers["location"])[2]
-
-
-def test_settings_for_the_dashboard():
-    with pytest.raises(
-        ConfigError, match=r"http\.dashboard: the dashboard is served on http\.listen"
-    ):
-        parse("http:\n  dashboard: true\n")
-    with pytest.raises(ConfigError, match="password_env: give token_env, or both"):
-        parse("http:\n  listen: 127.0.0.1:9\n  dashboard_auth:\n    user_env: U\n")
-    with pytest.raises(ConfigError, match="not both"):
-        parse("http:\n  listen: 127.0.0.1:9\n  dashboard_auth: {token_env: T, user_env: U}\n")
-    settings = parse("http:\n  listen: 127.0.0.1:9\n  dashboard: true\n")
-    assert settings.http.dashboard and settings.http.dashboard_auth is None
