@@ -310,6 +310,13 @@ def test_actions_change_the_database(serve: Any, conn: psycopg.Connection, dsn: 
     assert "paused" in overview and "Resume" in overview
     client.post("/dashboard/queues/mail/resume", {"csrf": csrf})
     assert conn.execute(paused).fetchone()[0] is False
+    # A queue name that is not URL-safe is pausable too, through the overview's own form.
+    _enqueue(conn, "team a/b", "x")
+    _, _, overview = client.get("/dashboard/")
+    assert 'action="/dashboard/queues/team%20a%2Fb/pause"' in overview
+    client.post("/dashboard/queues/team%20a%2Fb/pause", {"csrf": csrf})
+    odd = "SELECT paused FROM jobqd.queues WHERE name = 'team a/b'"
+    assert conn.execute(odd).fetchone()[0] is True
     # Cron: listed with its next tick, and run now through the same function as jobqctl.
     _, _, page = client.get("/dashboard/cron")
     assert "nightly" in page and "03:00:00" in page

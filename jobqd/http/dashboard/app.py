@@ -25,7 +25,7 @@ from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import psycopg
 
@@ -60,8 +60,8 @@ STATIC_TYPES = {
 _STATIC_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _JOB = re.compile(r"/jobs/(\d{1,18})")
 _JOB_ACTION = re.compile(r"/jobs/(\d{1,18})/(retry|cancel|delete)")
-_QUEUE_ACTION = re.compile(r"/queues/([^/]{1,200})/(pause|resume)")
-_CRON_ACTION = re.compile(r"/cron/([^/]{1,100})/run")
+_QUEUE_ACTION = re.compile(r"/queues/([^/]{1,800})/(pause|resume)")
+_CRON_ACTION = re.compile(r"/cron/([^/]{1,400})/run")
 
 
 @dataclass
@@ -291,14 +291,15 @@ class Dashboard:
                 elif path == "/jobs/retry":
                     notice = self._bulk_retry(conn, request, by)
                 elif match := _QUEUE_ACTION.fullmatch(path):
-                    queue, verb = match.group(1), match.group(2)
+                    queue, verb = unquote(match.group(1)), match.group(2)
                     if verb == "pause":
                         duration = request.field("duration") or None
                         notice = actions.pause(conn, schema, queue, duration, by)
                     else:
                         notice = actions.resume(conn, schema, queue, by)
                 elif match := _CRON_ACTION.fullmatch(path):
-                    notice = actions.run_cron(conn, self.source.settings, match.group(1), by)
+                    name = unquote(match.group(1))
+                    notice = actions.run_cron(conn, self.source.settings, name, by)
                 else:
                     raise BadRequest(f"no such action: {PREFIX}{path}", HTTPStatus.NOT_FOUND)
         except (ValueError, JobqdError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from jobqd.cli import output
 from jobqd.errors import JobqdError
@@ -35,13 +36,18 @@ def environment(static_version: str) -> Any:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(age=output.age, when=when, pretty=pretty, first=first)
+    env.filters.update(age=output.age, when=when, pretty=pretty, first=first, segment=segment)
     env.globals.update(chart=chart, static_version=static_version)
     return env
 
 
 def when(value: datetime | None) -> str:
     return output.when(value)
+
+
+def segment(name: str) -> str:
+    """A name as one path segment of a URL: every reserved character escaped, `/` too."""
+    return quote(str(name), safe="")
 
 
 def pretty(value: Any) -> str:
