@@ -82,7 +82,7 @@ class Auth:
     def describe(self) -> str:
         """One line for the log at start."""
         if self.mode == "none":
-            return "read-only (no http.dashboard_auth)"
+            return "read-only: no http.dashboard_auth"
         if self.missing:
             return f"disabled: {self.missing} is not set in the environment"
         return f"sign-in by {self.mode}"

@@ -105,13 +105,15 @@ def job(conn: psycopg.Connection, source: Source, job_id: int) -> dict[str, Any]
 
 
 def _timings(job: dict[str, Any]) -> list[tuple[str, float | None]]:
-    """How long the job waited to be claimed and ran, and its whole life so far."""
+    """How long the job's last attempt waited to be claimed and ran, and its whole life.
+    A queued job's started_at is an earlier attempt's, so it has no wait yet."""
 
     def between(start: Any, end: Any) -> float | None:
         return (end - start).total_seconds() if start and end else None
 
+    claimed = job["started_at"] if job["state"] != "queued" else None
     return [
-        ("waited for a slot", between(job["run_at"], job["started_at"])),
+        ("waited for a slot", between(job["run_at"], claimed)),
         ("ran", between(job["started_at"], job["finished_at"])),
         ("created to finished", between(job["created_at"], job["finished_at"])),
     ]
