@@ -729,9 +729,11 @@ def serve(
                 app.schema, settings, app.sessions.session, settings.http.dashboard_auth
             )
         except JobqdError as exc:
-            log.error("cannot serve the dashboard: %s", exc)
-            return EXIT_FAILURE
-        log.info("dashboard at /dashboard/, %s", dashboard.auth.describe())
+            log.error("cannot serve the dashboard: %s; /dashboard/ answers 503 until then", exc)
+            dashboard = web.Unavailable(str(exc))
+        else:
+            level = logging.WARNING if dashboard.auth.missing else logging.INFO
+            log.log(level, "dashboard at /dashboard/, %s", dashboard.auth.describe())
     try:
         server = make_server(settings, app, listener, dashboard)
     except OSError as exc:

@@ -89,12 +89,11 @@ def pause(
         seconds = parse_duration(duration)  # ValueError names the format
         if seconds <= 0:
             raise ValueError("a pause lasts longer than 0s; leave it empty to pause until resumed")
-        timed = _timed_pause_parameter()
-        if timed is None:
+        if "duration" not in _pause_parameters():
             raise ValueError("this jobqd cannot pause for a time yet; pause until resumed instead")
-        extra[timed] = seconds
-    if "by" in _pause_parameters():
-        extra["by"] = f"dashboard ({by})"
+        extra["duration"] = seconds
+    if "paused_by" in _pause_parameters():
+        extra["paused_by"] = f"dashboard ({by})"
     queues.pause(conn, schema, queue, **extra)
     for_ = f" for {format_duration(seconds)}" if seconds else ""
     log.info("dashboard: queue %s paused%s by %s", queue, for_, by, extra={"queue": queue})
@@ -102,13 +101,9 @@ def pause(
 
 
 def _pause_parameters() -> set[str]:
+    """What store.queues.pause takes: `duration` and `paused_by` come with timed pause
+    (migration 0006, the protocol work); without them a pause lasts until resumed."""
     return set(inspect.signature(queues.pause).parameters)
-
-
-def _timed_pause_parameter() -> str | None:
-    """The keyword store.queues.pause takes a duration by, where the schema has timed pause."""
-    found = _pause_parameters() & {"for_", "duration", "seconds"}
-    return min(found) if found else None
 
 
 def resume(conn: psycopg.Connection, schema: str, queue: str, by: str) -> Notice:

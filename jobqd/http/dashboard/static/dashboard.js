@@ -15,7 +15,10 @@
       window.htmx.ajax("GET", window.location.pathname + window.location.search, {
         target: "#live", select: "#live", swap: "outerHTML"
       }).then(function () {
-        arm(document.getElementById("live") || live);  // the new part, or the old one again
+        var fresh = document.getElementById("live");
+        // No #live in the answer (signed out meanwhile): load the page the server gives.
+        if (!fresh) { window.location.reload(); return; }
+        arm(fresh);
       }, function () { arm(live); });
     }, seconds * 1000);
   }
