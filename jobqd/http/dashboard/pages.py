@@ -54,12 +54,9 @@ def overview(conn: psycopg.Connection, source: Source) -> dict[str, Any]:
     for queue in status["queues"]:
         name = queue["queue"]
         row = rows.get(name) or {}
-        until = row.get("paused_until")
         queues.append(
             {
                 **queue,
-                # a timed pause is over once its end has passed: claims compare it with now()
-                "paused": queue["paused"] and not (until and until <= status["time"]),
                 "chart": hour.get(name),
                 "pickup": pickup.get(name),
                 "paused_at": row.get("paused_at"),
