@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -896,6 +897,10 @@ def cmd_dashboard(ctx: Context, args: argparse.Namespace) -> int:
             f"cannot listen on {args.listen}: {exc.strerror or exc}; pick another --listen",
         ) from None
     mode = dashboard.auth.describe()
+    actions = logging.StreamHandler(ctx.err)  # who retried, cancelled or paused what
+    actions.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("jobqd.http.dashboard").addHandler(actions)
+    logging.getLogger("jobqd.http.dashboard").setLevel(logging.INFO)
     try:
         standalone.serve(server, lambda url: ctx.note(f"dashboard on {url} ({mode}); Ctrl-C stops"))
     except KeyboardInterrupt:

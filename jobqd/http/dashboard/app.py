@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import logging
 import re
 from collections.abc import Callable
@@ -331,7 +332,7 @@ class Dashboard:
             return None, []
         clear = [("Set-Cookie", _cookie(FLASH_COOKIE, "", 0))]
         encoded, _, signature = value.partition(".")
-        if signature != self.auth.sign("flash", encoded):
+        if not hmac.compare_digest(signature, self.auth.sign("flash", encoded)):
             return None, clear
         try:
             text = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
