@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from jobqd.config.settings import DashboardAuthSettings, parse
 from jobqd.http import dashboard as web
@@ -326,3 +327,35 @@ def test_actions_change_the_database(serve: Any, conn: psycopg.Connection, dsn: 
     assert conn.execute(task).fetchone()[0] == 1
     _, headers, _ = client.post("/dashboard/cron/missing/run", {"csrf": csrf})
     assert "missing" in client.get(headers["location"])[2]
+
+
+def test_overview_shows_crash_loops_and_the_hour(serve: Any, conn: psycopg.Connection):
+    health = {
+        "children": {
+            "worker emails#0": {
+                "role": "worker",
+                "queue": "emails",
+                "booted": False,
+                "restarts": 5,
+                "crash_looping": True,
+                "crash_loop": "3 deaths in 60s",
+                "last_exit": "exit status 1",
+            }
+        }
+    }
+    conn.execute(
+        "INSERT INTO jobqd.processes (host, pid, role, metadata)"
+        " VALUES ('node-7', 4242, 'http', %s)",
+        (Jsonb(health),),
+    )
+    done = _enqueue(conn, "emails", "send")
+    conn.execute(
+        "UPDATE jobqd.jobs SET state = 'succeeded', attempt = 1, started_at = now(),"
+        " finished_at = now() WHERE id = %s",
+        (done,),
+    )
+    _, _, html = serve().get("/dashboard/")
+    assert "Crash-looping" in html and "worker emails#0" in html and "node-7" in html
+    assert "3 deaths in 60s" in html and "exit status 1" in html
+    assert html.count('class="ok"') == 1  # one minute with one succeeded job
+    assert "1 ok" in html
