@@ -1,7 +1,11 @@
-"""Example tasks for a first run (`imports: [jobqd.examples]` in etc/jobqd.example.yaml).
+"""Example tasks for a first run: `imports: [jobqd.examples]` registers them.
 
-Try them from psql once the daemon runs:
+This module is also the tasks.py that `jobqd --init DIR` writes, its name replaced by `tasks`
+throughout (so name it in full everywhere), without this paragraph.
 
+Try them once the daemon runs (SQL from `jobqctl psql`):
+
+    jobqctl enqueue send_welcome --args '{"user_id": 7}'
     select jobqd.enqueue('default', 'jobqd.examples.tick', '{"hello": "world"}');
     select jobqd.enqueue('default', 'jobqd.examples.sleep', '{"seconds": 5}');
     select jobqd.enqueue('default', 'jobqd.examples.fail', '{"message": "boom"}',
@@ -16,9 +20,20 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from jobqd.tasks import Job, task
+from jobqd import Job, task
 
 log = logging.getLogger("jobqd.examples")
+
+
+@task("send_welcome", queue="emails")
+def send_welcome(job: Job) -> dict[str, Any]:
+    """Stand-in for a mailer: logs the welcome mail it would send to `args.user_id`. Its jobs
+    go to the `emails` queue unless the caller names another."""
+    user_id = job.args.get("user_id")
+    log.info(
+        "welcome mail for user %s (an example: nothing is sent)", user_id, extra=job.log_fields()
+    )
+    return {"sent_to": user_id}
 
 
 @task("jobqd.examples.tick")

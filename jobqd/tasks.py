@@ -16,7 +16,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -258,13 +259,41 @@ def middleware(fn: Middleware, *, registry: Registry = registry) -> Middleware:
     return fn
 
 
-def import_modules(modules: Iterable[str]) -> None:
-    """Import the config's `imports` so their @task decorators run; errors name the module."""
+def import_modules(modules: Iterable[str], path: Sequence[str] = ()) -> None:
+    """Import the config's `imports` so their @task decorators run, looking in `path` (the
+    config's `import_path()`) before the installed packages. An error names the module, and
+    for a missing one where it was looked for and what to do."""
+    for directory in reversed(path):
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
     for module in modules:
         try:
             importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            raise ImportError(_not_found(module, exc, path)) from exc
         except Exception as exc:
-            raise ImportError(f"cannot import {module!r} (from imports:): {exc}") from exc
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            raise ImportError(
+                f"cannot import {module!r} (from imports:): {type(exc).__name__}: {exc} "
+                f"(at {where.filename}:{where.lineno})"
+            ) from exc
+
+
+def _not_found(module: str, exc: ModuleNotFoundError, path: Sequence[str]) -> str:
+    missing = exc.name or module
+    if module != missing and not module.startswith(missing + "."):  # a module it imports
+        return (
+            f"cannot import {module!r} (from imports:): it imports {missing!r}, which is not "
+            f"installed for {sys.executable}: pip install it there"
+        )
+    top = missing.split(".")[0]
+    searched = ", ".join(path) if path else "no directory"
+    return (
+        f"cannot import {module!r} (from imports:): no module named {missing!r}; looked in "
+        f"{searched} and the packages installed for {sys.executable}. Set pythonpath: in the "
+        f"config to the directory that holds {top!r}, run jobqd from that directory, or pip "
+        "install your project into that Python"
+    )
 
 
 class CommandFailed(Exception):

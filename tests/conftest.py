@@ -9,15 +9,19 @@ afterwards, so no test sees another's rows or depends on leftovers.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import answers
+from helpers import answers, wait_for
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from jobqd.store import embedded
 from jobqd.store.migrate import migrate
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -41,6 +45,35 @@ def server_dsn() -> Iterator[str]:
             yield server.get_uri()
         finally:
             server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def embedded_template() -> Iterator[Path]:
+    """An embedded data directory made once per session by jobqd's own first start (initdb,
+    most of a first start's seconds) and stopped again, for `embedded_dir` to copy."""
+    pytest.importorskip("pgserver")
+    with tempfile.TemporaryDirectory(prefix="jobqd-test-embedded-") as tmp:
+        data_dir = Path(tmp) / "pgdata"
+        starter = "import sys; from jobqd.store.embedded import start; start(sys.argv[1])"
+        subprocess.run([sys.executable, "-c", starter, str(data_dir)], check=True, timeout=120)
+        wait_for(lambda: embedded.find(data_dir) is None, timeout=30, what="template stopped")
+        yield data_dir
+
+
+@pytest.fixture
+def embedded_dir(embedded_template: Path) -> Iterator[Path]:
+    """A directory for an embedded PostgreSQL of the test's own: DIR/pgdata, a fresh copy of
+    an initialized one (nothing in it but what initdb made), outside pytest's tmp_path: as
+    root, pgserver runs the server as the user `pgserver`, which must traverse every parent,
+    and each pytest session makes /tmp/pytest-of-root private again. A server the test left
+    running there is stopped."""
+    with tempfile.TemporaryDirectory(prefix="jobqd-test-embedded-") as tmp:
+        data_dir = Path(tmp) / "pgdata"
+        # cp -a keeps the owner: as root, the files belong to the user `pgserver`
+        subprocess.run(["cp", "-a", str(embedded_template), str(data_dir)], check=True)
+        yield Path(tmp)
+        if embedded.find(data_dir) is not None:
+            embedded.release(data_dir, os.getpid())
 
 
 def with_dbname(dsn: str, dbname: str) -> str:

@@ -8,10 +8,12 @@ print a table (or `--json`, one document). Exit codes: 0 ok, 1 not found or noth
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,10 +40,10 @@ from jobqd.errors import (
     PayloadError,
     first_line,
 )
-from jobqd.store import admin, bundles, jobs, queues
+from jobqd.store import admin, bundles, embedded, jobs, queues
 from jobqd.store import connections as db
 
-SYSTEM_CONFIG = Path("/etc/jobqd.yaml")
+SYSTEM_CONFIG = Path(config_module.DEFAULT_CONFIG)
 WATCH_INTERVAL = 2.0
 DEFAULT_WAIT = 5.0
 """Seconds a command keeps trying to reach the database before it gives up (--wait)."""
@@ -56,6 +58,8 @@ _TRANSIENT_REFUSALS = (
     "connection slots are reserved",
 )
 """What a server that answered says when trying again later can help (its FATAL messages)."""
+WAIT_POLL = 0.2  # `jobqctl wait`: seconds between looks at the jobs' states
+WAIT_NOTE_EVERY = 10.0  # and between its progress lines on stderr
 _CLEAR = "\x1b[H\x1b[2J"
 _BULK_NOTICE = 10_000  # bulk changes of more rows than this say so before they start
 
@@ -88,6 +92,7 @@ class Context:
     yes: bool
     out: TextIO
     err: TextIO
+    origin: str = ""
     wait: float = DEFAULT_WAIT
     _conn: psycopg.Connection | None = None
 
@@ -144,31 +149,63 @@ def _load_config(path: str | os.PathLike[str]) -> config_module.Settings:
 
 
 def _database(settings: config_module.Settings) -> str:
-    return db.resolve_url(settings.database.url, settings.database.data_dir)
+    """The conninfo a config names; for the embedded server, the one running in its data
+    directory, found as the daemon finds it. jobqctl never starts it: it runs while jobqd does."""
+    database = settings.database
+    if not database.is_embedded:
+        return database.url
+    url = embedded.find(database.data_dir)
+    if url is None:
+        raise CtlError(EXIT_UNREACHABLE, embedded.not_running(database.data_dir))
+    return url
 
 
-def resolve(
-    args: argparse.Namespace, env: os._Environ[str] | dict[str, str]
-) -> tuple[str, str, config_module.Settings | None]:
-    """(dsn, schema, settings) from -c FILE, --dsn, JOBQD_DATABASE_URL or /etc/jobqd.yaml."""
+@dataclass(frozen=True)
+class Target:
+    """Where the commands go: the conninfo (it may hold a password), the schema, the config
+    if one was read, and what named the database (for `jobqctl dsn --json`)."""
+
+    dsn: str
+    schema: str
+    settings: config_module.Settings | None
+    origin: str
+
+
+def resolve(args: argparse.Namespace, env: os._Environ[str] | dict[str, str]) -> Target:
+    """The database, the way jobqd finds it: -c FILE, --dsn URL, JOBQD_DATABASE_URL, the file
+    $JOBQD_CONFIG names, /etc/jobqd.yaml; else the embedded server that jobqd runs when its
+    config names no database (in the default data directory)."""
     settings = None
+    named = env.get(config_module.CONFIG_ENV)
     if args.config:
         settings = _load_config(args.config)
-        dsn = _database(settings)
+        origin = f"-c {args.config}"
     elif args.dsn:
-        dsn = args.dsn
+        dsn, origin = args.dsn, "--dsn"
     elif env.get("JOBQD_DATABASE_URL"):
-        dsn = env["JOBQD_DATABASE_URL"]
+        dsn, origin = env["JOBQD_DATABASE_URL"], "JOBQD_DATABASE_URL"
+    elif named:
+        settings = _load_config(named)
+        origin = f"${config_module.CONFIG_ENV} ({named})"
     elif SYSTEM_CONFIG.exists():
         settings = _load_config(SYSTEM_CONFIG)
-        dsn = _database(settings)
+        origin = str(SYSTEM_CONFIG)
     else:
-        _usage(
-            "no database given: pass -c FILE or --dsn URL, set JOBQD_DATABASE_URL, "
-            f"or create {SYSTEM_CONFIG}"
-        )
+        data_dir = embedded.default_data_dir()
+        found = embedded.find(data_dir)
+        if found is None:
+            _usage(
+                "no database given: pass -c FILE or --dsn URL, set JOBQD_DATABASE_URL, or "
+                f"create {SYSTEM_CONFIG}; no embedded PostgreSQL runs in {data_dir} either "
+                "(it runs while `jobqd -c FILE` does, for a config that names no database)"
+            )
+        dsn, origin = found, f"the embedded PostgreSQL in {data_dir}"
+    if settings is not None:
+        dsn = _database(settings)
+        if settings.database.is_embedded:
+            origin += f" (the embedded PostgreSQL in {settings.database.data_dir})"
     schema = args.schema or (settings.database.schema if settings else "jobqd")
-    return dsn, schema, settings
+    return Target(dsn, schema, settings, origin)
 
 
 def retry_delays(wait: float) -> list[float]:
@@ -675,7 +712,45 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
     queue = job.queue if job is not None else args.queue
     ctx.emit(
         {"id": job_id, "queue": queue, "task": args.task},
-        lambda: f"enqueued job {job_id} ({args.task} on queue {queue!r})",
+        lambda: (
+            str(job_id) if args.quiet else f"enqueued job {job_id} ({args.task} on queue {queue!r})"
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_wait(ctx: Context, args: argparse.Namespace) -> int:
+    """Until every job given has ended (succeeded, dead or cancelled): a script's way to
+    wait for work it enqueued. Exit 0 once they have, whatever their state."""
+    ids = list(dict.fromkeys(args.ids))
+    started = time.monotonic()
+    next_note = started + WAIT_NOTE_EVERY
+    while True:
+        states = jobs.states(ctx.conn, ctx.schema, ids)
+        missing = [str(i) for i in ids if i not in states]
+        if missing:
+            _not_found(
+                f"no job {', '.join(missing)}: check the id with `jobqctl jobs` "
+                "(it may have been pruned)"
+            )
+        waiting = [i for i in ids if states[i] in admin.CANCELLABLE_STATES]
+        if not waiting:
+            break
+        now = time.monotonic()
+        pending = ", ".join(f"{i} ({states[i]})" for i in waiting)
+        if now - started >= args.timeout:
+            raise CtlError(
+                EXIT_FAILURE,
+                f"job {pending} had not ended after {format_duration(args.timeout)}: "
+                "pass a longer --timeout, or look at it with `jobqctl show ID`",
+            )
+        if now >= next_note:
+            ctx.note(f"jobqctl: waiting for job {pending}")
+            next_note = now + WAIT_NOTE_EVERY
+        time.sleep(min(WAIT_POLL, max(0.0, started + args.timeout - now)))
+    ctx.emit(
+        {"states": {str(i): states[i] for i in ids}},
+        lambda: "\n".join(f"job {i}: {states[i]}" for i in ids),
     )
     return EXIT_OK
 
@@ -910,6 +985,56 @@ def cmd_dashboard(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dsn(ctx: Context, args: argparse.Namespace) -> int:
+    url = db.as_url(ctx.dsn, password=args.show_password)
+    has_password = bool(db.password_of(ctx.dsn))
+    if has_password and not args.show_password:
+        ctx.note("jobqctl: the password is left out; pass --show-password to print it")
+    ctx.emit(
+        {
+            "url": url,
+            "schema": ctx.schema,
+            "from": ctx.origin,
+            "password": ("shown" if args.show_password else "left out") if has_password else None,
+        },
+        lambda: url,
+    )
+    return EXIT_OK
+
+
+def _psql_program() -> str:
+    """psql on PATH, else the one pgserver ships (the embedded extra), else a usage error."""
+    found = shutil.which("psql")
+    if found:
+        return found
+    spec = importlib.util.find_spec("pgserver")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        bundled = Path(location) / "pginstall" / "bin" / "psql"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
+    raise CtlError(
+        EXIT_FAILURE,
+        "psql is not installed: install the PostgreSQL client (Debian and Ubuntu: apt install "
+        "postgresql-client; Fedora: dnf install postgresql; macOS: brew install libpq), or "
+        "point any client at the URL `jobqctl dsn` prints",
+    )
+
+
+def cmd_psql(ctx: Context, args: argparse.Namespace) -> NoReturn:
+    program = _psql_program()
+    extra = args.psql_args[1:] if args.psql_args[:1] == ["--"] else args.psql_args
+    env = dict(os.environ)
+    password = db.password_of(ctx.dsn)
+    if password:  # in the environment, where other users cannot read it (ps shows argv)
+        env["PGPASSWORD"] = password
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(program, ["psql", db.as_url(ctx.dsn, password=False), *extra], env)
+    except OSError as exc:
+        raise CtlError(EXIT_FAILURE, f"cannot run {program}: {exc.strerror or exc}") from None
+
+
 # -- the command line ------------------------------------------------------------------------
 
 
@@ -984,6 +1109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=_positive_int)
     p.add_argument("--dedup-key")
     p.add_argument("--idempotency-key")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the job's id")
+    p = command("wait", cmd_wait, "wait until jobs have ended; print their states")
+    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID")
+    p.add_argument(
+        "--timeout", type=_duration, default=60.0, help="give up after this long (default 1m)"
+    )
     p = command("bundles", cmd_bundles, "list bundles, newest first")
     p.add_argument("--unfinished", action="store_true", help="only bundles still waiting")
     p.add_argument("--limit", type=_positive_int, default=50)
@@ -1009,6 +1140,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="require sign-in with the token in this environment variable, which also "
         "allows actions (default: the config's http.dashboard_auth, else read-only)",
     )
+    p = command("dsn", cmd_dsn, "print the database's URL, for psql and other clients")
+    p.add_argument(
+        "--show-password",
+        action="store_true",
+        help="include the password the URL came with (left out by default)",
+    )
+    p = command("psql", cmd_psql, "open psql on the database (arguments after -- go to psql)")
+    p.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="-- PSQL-ARGUMENTS")
     return parser
 
 
@@ -1047,18 +1186,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ctx = None
     try:
-        dsn, schema, settings = resolve(args, os.environ)
+        target = resolve(args, os.environ)
         ctx = Context(
-            dsn=dsn,
-            schema=schema,
-            settings=settings,
+            dsn=target.dsn,
+            schema=target.schema,
+            settings=target.settings,
+            origin=target.origin,
             json=bool(args.json),
             yes=bool(getattr(args, "yes", False)),
             wait=DEFAULT_WAIT if args.wait is None else args.wait,
             out=sys.stdout,
             err=sys.stderr,
         )
-        with _failures(dsn):
+        with _failures(target.dsn):
             return args.handler(ctx, args)
     except CtlError as exc:
         sys.stdout.flush()

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from jobqd import __version__, config, tasks
-from jobqd.config import yamlload
+from jobqd.cli import starter
+from jobqd.config import CONFIG_ENV, DEFAULT_CONFIG, yamlload
 from jobqd.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -27,9 +28,6 @@ from jobqd.errors import (
     DatabaseUnavailable,
 )
 from jobqd.observe.logs import setup_logging
-
-DEFAULT_CONFIG = "/etc/jobqd.yaml"
-CONFIG_ENV = "JOBQD_CONFIG"
 
 log = logging.getLogger("jobqd.master")
 
@@ -60,12 +58,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not apply database migrations at start (same as database.migrate: false)",
     )
+    parser.add_argument(
+        "--init",
+        metavar="DIR",
+        help=f"write a starter into DIR: a commented config ({starter.CONFIG}) and an example "
+        f"tasks module ({starter.MODULE}.py) that run at once; never overwrites a file",
+    )
     parser.add_argument("--version", action="version", version=f"jobqd {__version__}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.init:
+        return starter.init(args.init)
     path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
     if args.config:
         hint = ""
@@ -109,7 +115,7 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
 
     for index, module in enumerate(settings.imports):
         try:
-            tasks.import_modules([module])
+            tasks.import_modules([module], settings.import_path())
         except ImportError as exc:
             error(("imports", index), str(exc))
     tasks.register_commands(settings.tasks, grace=0.0)  # looked up here, never run

@@ -28,7 +28,8 @@ from croniter import croniter
 from jobqd.config import yamlload
 from jobqd.config.durations import format_duration, parse_duration, parse_size
 from jobqd.errors import JobqdError
-from jobqd.store.connections import EMBEDDED, default_data_dir
+from jobqd.store.connections import EMBEDDED
+from jobqd.store.embedded import default_data_dir
 
 DEFAULT_QUEUE = "default"
 NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
@@ -168,6 +169,15 @@ def _modules(value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError(f"expected a list of module names, got {_show(value)}")
     return tuple(_matching(_MODULE, "a dotted module name like myapp.tasks")(v) for v in value)
+
+
+def _directories(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of directories, got {_show(value)}")
+    for item in value:
+        if not _string(item):
+            raise ValueError("a directory must not be empty (write . for the config's own)")
+    return tuple(value)
 
 
 def _command(value: object) -> tuple[str, ...]:
@@ -486,6 +496,8 @@ class Settings:
     version: int = _key(1, _integer(1, 1))
     database: DatabaseSettings = _section(DatabaseSettings, shorthand="url")
     imports: tuple[str, ...] = _key((), _modules)  # modules whose @task functions register
+    # where imports are looked for first; relative to the config file's directory
+    pythonpath: tuple[str, ...] = _key((), _directories)
     shutdown_timeout: float = _key(30.0, _duration())  # drain: how long running jobs may finish
     child_timeout: float = _key(120.0, _duration(5.0))  # a child silent this long is killed
     # a job whose task no worker knows is released until then, then the leader ends it dead
@@ -502,6 +514,15 @@ class Settings:
     http: HttpSettings = _section(HttpSettings)
     database_health: DatabaseHealthSettings = _section(DatabaseHealthSettings)
     source: str = field(default="<default>", compare=False)  # the file these came from
+    directory: str | None = field(default=None, compare=False)  # the file's, absolute
+
+    def import_path(self) -> tuple[str, ...]:
+        """Where `imports:` are looked for before the installed packages, as gunicorn and
+        celery do: the `pythonpath:` directories, the working directory, the config file's
+        directory. Read when the imports run, in the process that runs them."""
+        return tuple(
+            dict.fromkeys([*self.pythonpath, os.getcwd(), *filter(None, [self.directory])])
+        )
 
     def __post_init__(self) -> None:
         if self.child_timeout <= self.database.statement_timeout:
@@ -623,8 +644,15 @@ def _check_queue_references(ctx: _Context, data: object) -> None:
                 ctx.error((section, name, "queue"), message)
 
 
-def parse(text: str, filename: str = "<string>", env: Mapping[str, str] = os.environ) -> Settings:
-    """Settings from YAML `text`; ConfigError lists every problem, each naming `filename`."""
+def parse(
+    text: str,
+    filename: str = "<string>",
+    env: Mapping[str, str] = os.environ,
+    directory: str | os.PathLike[str] | None = None,
+) -> Settings:
+    """Settings from YAML `text`; ConfigError lists every problem, each naming `filename`.
+    Relative `pythonpath:` entries are taken from `directory` (the config file's), else from
+    the working directory."""
     try:
         document = yamlload.load(text, filename, env)
     except yamlload.LoadError as exc:
@@ -637,7 +665,13 @@ def parse(text: str, filename: str = "<string>", env: Mapping[str, str] = os.env
     _check_queue_references(ctx, document.data)
     if settings is None or ctx.problems:
         raise ConfigError([message for _, message in sorted(ctx.problems, key=lambda p: p[0])])
-    return dataclasses.replace(settings, source=filename)
+    base = Path(directory or os.getcwd()).resolve()
+    return dataclasses.replace(
+        settings,
+        source=filename,
+        directory=str(base) if directory is not None else None,
+        pythonpath=tuple(os.path.normpath(base / entry) for entry in settings.pythonpath),
+    )
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] = os.environ) -> Settings:
@@ -651,4 +685,4 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] = os.environ) -> S
         raise ConfigError(
             [f"{filename}: not UTF-8 text ({exc.reason} at byte {exc.start})"]
         ) from None
-    return parse(text, filename, env)
+    return parse(text, filename, env, directory=Path(path).resolve().parent)

@@ -11,6 +11,11 @@ inject YAML structure): `${VAR}` (error if unset), `${VAR:-default}` (unset or e
 if unset), and `$$` for a literal `$`; any other `$` is kept as written. An unquoted scalar
 takes the type of its result (`concurrency: ${WORKERS:-8}` is the integer 8); quote it to
 keep a string. Mapping keys are always strings, the text as written, and are not interpolated.
+
+A reference may stand wherever YAML allows a scalar, flow collections included
+(`database: {url: ${DATABASE_URL}}`, `imports: [${APP}.tasks]`), although YAML reads `{` and
+`}` there as structure: before parsing, every `${...}` is masked by a plain word that appears
+nowhere else in the text, and unmasked in the scalars (and keys) it landed in.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ Path = tuple[str | int, ...]
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _DOLLAR = re.compile(r"\$(\$|\{[^}]*\}|\{)?")
+_MASKED = re.compile(r"\$(\$|\{[^}\n]*\})")  # what is masked: ${...} on one line; $$ stays
 _REFERENCE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])(.*))?", re.DOTALL)
 
 
@@ -96,11 +102,37 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
     return _DOLLAR.sub(replace, text)
 
 
+class _Masks:
+    """The `${...}` references of a text, each replaced by a word of its own for parsing."""
+
+    def __init__(self, text: str) -> None:
+        prefix = "jobqdref"
+        while prefix in text:
+            prefix += "x"
+        self.references: dict[str, str] = {}
+
+        def mask(match: re.Match[str]) -> str:
+            if match.group(1) == "$":
+                return "$$"
+            word = f"{prefix}{len(self.references)}z"
+            self.references[word] = match.group(0)
+            return word
+
+        self.text = _MASKED.sub(mask, text)
+        self._word = re.compile(re.escape(prefix) + r"\d+z")
+
+    def unmask(self, value: str) -> str:
+        if not self.references:
+            return value
+        return self._word.sub(lambda match: self.references[match.group(0)], value)
+
+
 class Loader(yaml.SafeLoader):
     """SafeLoader that builds a `Document` and collects every problem instead of the first."""
 
     def __init__(self, text: str, filename: str, env: Mapping[str, str]) -> None:
-        super().__init__(text)
+        self.masks = _Masks(text)
+        super().__init__(self.masks.text)
         self.filename = filename
         self.env = env
         self.lines: dict[Path, int] = {(): 1}
@@ -157,7 +189,7 @@ class Loader(yaml.SafeLoader):
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 continue
-            key = key_node.value
+            key = self.masks.unmask(key_node.value)
             self.lines[(*path, key)] = key_node.start_mark.line + 1
             result[key] = self._value(value_node, (*path, key))
         return result
@@ -171,19 +203,19 @@ class Loader(yaml.SafeLoader):
                 self._problem(key_node, path, "a mapping key must be a plain value")
                 continue
             line = key_node.start_mark.line + 1
-            if key_node.value in first:
-                self._problem(
-                    key_node,
-                    (*path, key_node.value),
-                    f"duplicate key (first at line {first[key_node.value]})",
-                )
-            first.setdefault(key_node.value, line)
+            key = self.masks.unmask(key_node.value)
+            if key in first:
+                self._problem(key_node, (*path, key), f"duplicate key (first at line {first[key]})")
+            first.setdefault(key, line)
 
     def _scalar(self, node: yaml.ScalarNode, path: Path) -> Any:
-        if node.tag != _STR_TAG or "$" not in node.value:
+        value = self.masks.unmask(node.value)
+        if node.tag != _STR_TAG or "$" not in value:
+            if value != node.value:  # a reference under another tag (!!binary ${X}): as written
+                node = yaml.ScalarNode(node.tag, value, node.start_mark, node.end_mark, node.style)
             return self.construct_object(node)
         try:
-            text = interpolate(node.value, self.env)
+            text = interpolate(value, self.env)
         except ValueError as exc:
             self._problem(node, path, str(exc))
             return None

@@ -66,7 +66,7 @@ class ChildSpec:
 
 def _shared(settings: Settings) -> tuple[Any, ...]:
     """Settings every child depends on: replacing them replaces every child."""
-    return (settings.database, settings.log, settings.imports, settings.tasks)
+    return (settings.database, settings.log, settings.imports, settings.pythonpath, settings.tasks)
 
 
 def _without_process_counts(settings: Settings) -> Settings:

@@ -1,5 +1,5 @@
 """Connections: conninfo with the session settings every daemon session carries, and the
-embedded Postgres used when no database is configured.
+database URL a config names (the embedded server's: jobqd.store.embedded).
 
 Every daemon session gets an `application_name` naming its process, a `statement_timeout` and
 an `idle_in_transaction_session_timeout` (a stuck session must never hold locks for long), and
@@ -15,75 +15,29 @@ the statement fails at once and the caller reconnects.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
 from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobqd.errors import DatabaseUnavailable, first_line
+from jobqd.store import embedded
 
 EMBEDDED = "embedded"
 
-_embedded_lock = threading.Lock()
-_embedded_servers: dict[Path, object] = {}
-
-
-def default_data_dir() -> Path:
-    """Where the embedded Postgres keeps its files when the config does not say: systemd's
-    StateDirectory= when run as a unit, /var/lib/jobqd as root, else the user's data dir."""
-    state = os.environ.get("STATE_DIRECTORY")
-    if state:
-        return Path(state.split(":")[0]) / "pgdata"
-    if os.geteuid() == 0:
-        return Path("/var/lib/jobqd/pgdata")
-    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(base) / "jobqd" / "pgdata"
-
-
-def start_embedded(data_dir: str | os.PathLike[str] | None = None) -> str:
-    """Start (or join) the private Postgres in `data_dir`; return its connection URI.
-
-    pgserver keeps a list of the processes using a data directory and reuses a running server,
-    so a second jobqd on the same directory shares it instead of corrupting it; the server
-    stops when the last of them exits.
-    """
-    try:
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (services, containers); its
-            # fallback under /tmp is what we want anyway.
-            warnings.simplefilter("ignore")
-            import pgserver
-    except ImportError as exc:
-        raise DatabaseUnavailable(
-            "database.url is 'embedded' but pgserver is not installed: "
-            "pip install 'jobqd[embedded]', or set database.url to a PostgreSQL URL"
-        ) from exc
-    path = Path(data_dir) if data_dir else default_data_dir()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # pgserver narrates every step at INFO; only its warnings and errors are news to operators.
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
-    with _embedded_lock, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        server = _embedded_servers.get(path)
-        if server is None:
-            server = pgserver.get_server(path, cleanup_mode="stop")
-            _embedded_servers[path] = server
-    return server.get_uri()  # type: ignore[attr-defined]
-
 
 def resolve_url(url: str | None, data_dir: str | os.PathLike[str] | None = None) -> str:
-    """Turn a configured database URL (or 'embedded'/None) into a real conninfo."""
+    """Turn a configured database URL (or 'embedded'/None) into a real conninfo, starting
+    the embedded server (and its keeper) for this process when that is what it names."""
     if not url or url == EMBEDDED:
-        return start_embedded(data_dir)
+        return embedded.start(data_dir)
     return url
 
 
@@ -100,6 +54,46 @@ def redact(text: str) -> str:
     for pattern, replacement in _SECRETS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def password_of(dsn: str) -> str | None:
+    """The password a DSN carries, if any (for a child's PGPASSWORD, never for printing)."""
+    try:
+        return conninfo_to_dict(dsn).get("password") or None
+    except psycopg.ProgrammingError:
+        return None
+
+
+def as_url(dsn: str, *, password: bool = False) -> str:
+    """A `postgresql://` URL that psql and every libpq client accept for `dsn` (a URL or
+    key=value conninfo), its password left out unless asked: hosts that are socket
+    directories and every other parameter go in the query string."""
+    try:
+        params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
+    except psycopg.ProgrammingError as exc:
+        raise _malformed(exc) from None
+    secret = params.pop("password", None)
+    user = params.pop("user", None)
+    dbname = params.pop("dbname", None)
+    netloc = ""
+    hosts = params.get("host", "").split(",")
+    if "host" in params and not any(h.startswith(("/", "@")) or not h for h in hosts):
+        ports = params.pop("port", "").split(",")
+        ports += [ports[-1]] * (len(hosts) - len(ports))  # one port for every host
+        del params["host"]
+        netloc = ",".join(
+            (f"[{h}]" if ":" in h else quote(h, safe="")) + (f":{p}" if p else "")
+            for h, p in zip(hosts, ports, strict=False)
+        )
+    if user:
+        auth = quote(user, safe="")
+        if password and secret:
+            auth += ":" + quote(secret, safe="")
+        netloc = f"{auth}@{netloc}"
+    url = f"postgresql://{netloc}/{quote(dbname, safe='') if dbname else ''}"
+    if params:
+        url += "?" + "&".join(f"{k}={quote(v, safe='/')}" for k, v in params.items())
+    return url
 
 
 def _malformed(exc: BaseException) -> DatabaseUnavailable:

@@ -778,6 +778,7 @@ def serve(
     config: WorkerConfig,
     *,
     imports: tuple[str, ...] = (),
+    import_path: tuple[str, ...] = (),
     commands: Any = None,
     sender: Sender | None = None,
     parent_pid: int | None = None,
@@ -787,7 +788,7 @@ def serve(
     serve the queue. Returns the exit code."""
     from jobqd import tasks
 
-    tasks.import_modules(imports)
+    tasks.import_modules(imports, import_path)
     if commands:
         tasks.register_commands(commands, grace=config.grace)
     worker = Worker(config, tasks.registry, sender=sender, parent_pid=parent_pid, on_title=on_title)
@@ -804,6 +805,7 @@ def serve_child(child: ChildContext) -> int:
             child.dsn, settings, child.queue, child.index, child.dead_workers
         ),
         imports=settings.imports,
+        import_path=settings.import_path(),
         commands=settings.tasks,
         sender=child.sender,
         parent_pid=child.parent_pid,

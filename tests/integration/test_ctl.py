@@ -9,14 +9,17 @@ import subprocess
 import sys
 
 import psycopg
+import pytest
 from helpers import LEDGER_TABLE, scalar, start_worker, wait_for
 
 from jobqd import Client
 
 
-def jobqctl(*args: str, dsn: str | None = None, stdin: str | None = None):
+def jobqctl(
+    *args: str, dsn: str | None = None, stdin: str | None = None, env: dict[str, str] | None = None
+):
     """Run jobqctl; returns (exit code, stdout, stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBQD_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBQD_")} | (env or {})
     command = [sys.executable, "-m", "jobqd.cli.ctl"]
     if dsn:
         command += ["--dsn", dsn]
@@ -179,9 +182,39 @@ def test_exit_codes_and_messages(dsn):
     assert jobqctl("jobs", "--state", "bogus", dsn=dsn)[0] == 2
     assert jobqctl("show", "abc", dsn=dsn)[0] == 2
     assert jobqctl("enqueue", "t", "--delay", "5m", "--run-at", "2030-01-01", dsn=dsn)[0] == 2
-    if not os.path.exists("/etc/jobqd.yaml"):
-        code, _, err = jobqctl("status")
-        assert code == 2 and "no database given" in err
+
+
+def test_no_database_given_and_no_embedded_server_running(tmp_path):
+    """With nothing given, jobqctl looks for the embedded server where jobqd keeps it by
+    default ($STATE_DIRECTORY first); it never starts one."""
+    if os.path.exists("/etc/jobqd.yaml"):
+        pytest.skip("/etc/jobqd.yaml exists here: jobqctl would read it")
+    code, _, err = jobqctl("status", env={"STATE_DIRECTORY": str(tmp_path)})
+    assert code == 2 and err.startswith("jobqctl: no database given: pass -c FILE or --dsn URL")
+    assert f"no embedded PostgreSQL runs in {tmp_path}/pgdata either" in err
+    assert not (tmp_path / "pgdata").exists()
+    config = tmp_path / "jobqd.yaml"
+    config.write_text(f"database: {{url: embedded, data_dir: {tmp_path}/pgdata}}\n")
+    code, _, err = jobqctl("-c", str(config), "dsn")
+    assert code == 3 and err.strip() == (
+        f"jobqctl: the embedded PostgreSQL in {tmp_path}/pgdata is not running (it runs while "
+        "jobqd does): start the daemon first (jobqd -c FILE), or give another database with "
+        "-c FILE, --dsn URL or JOBQD_DATABASE_URL"
+    )
+
+
+def test_dsn_prints_a_url_psql_takes_and_psql_runs_on_it(dsn):
+    code, out, err = jobqctl("dsn", dsn=dsn)
+    assert code == 0 and err == ""
+    with psycopg.connect(out.strip()) as conn:
+        assert conn.execute("SELECT current_database()").fetchone()[0] in dsn
+    secret = f"{dsn} password=s3cret" if "://" not in dsn else dsn
+    code, out, err = jobqctl("dsn", "--json", dsn=secret)
+    document = json.loads(out)
+    assert document["from"] == "--dsn" and document["schema"] == "jobqd"
+    assert "s3cret" not in out + err
+    code, out, _ = jobqctl("psql", "--", "-XtAc", "SELECT 6 * 7", dsn=dsn)
+    assert (code, out.strip()) == (0, "42")
 
 
 def test_migrate_twice_and_dry_run(empty_dsn):

@@ -247,6 +247,53 @@ def test_missing_environment_variable_names_line_and_variable() -> None:
     ]
 
 
+def test_interpolation_inside_flow_collections() -> None:
+    """`{` and `}` are structure in a flow mapping: the references still work there."""
+    text = (
+        "database: {url: ${DATABASE_URL}, schema: ${SCHEMA:-jobs}}\n"
+        "imports: [${APP}.tasks, other.tasks]\n"
+        'queues: {default: {concurrency: ${N:-8}, lease: "${LEASE}"}}\n'
+    )
+    env = {"DATABASE_URL": "postgresql://u:s3cret@h/db", "APP": "myapp", "N": "3", "LEASE": "1m"}
+    settings = parse(text, env=env)
+    assert settings.database.url == "postgresql://u:s3cret@h/db"
+    assert settings.database.schema == "jobs"
+    assert settings.imports == ("myapp.tasks", "other.tasks")
+    assert settings.queues["default"].concurrency == 3  # unquoted: typed
+    assert settings.queues["default"].lease == 60.0
+    assert load_yaml("a: {k${N}: [${N}]}", env={"N": "1"}).data == {"a": {"k${N}": [1]}}
+
+
+def test_unset_variable_in_a_flow_mapping_names_it_and_the_key_never_a_value() -> None:
+    errors = errors_of("database: {url: ${DATABASE_URL}}\nimports: [${APP}]\n", {"X": "s3cret"})
+    assert errors == [
+        "jobqd.yaml:1: database.url: environment variable DATABASE_URL is not set "
+        "(write ${DATABASE_URL:-default} to give a default)",
+        "jobqd.yaml:2: imports[0]: environment variable APP is not set "
+        "(write ${APP:-default} to give a default)",
+    ]
+
+
+def test_a_word_like_the_mask_in_the_text_is_left_alone() -> None:
+    text = "database: {application_name: jobqdref0z, schema: ${S}}\n"
+    settings = parse(text, env={"S": "s"})
+    assert (settings.database.application_name, settings.database.schema) == ("jobqdref0z", "s")
+
+
+def test_pythonpath_is_relative_to_the_config_file(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "conf" / "jobqd.yaml"
+    path.parent.mkdir()
+    path.write_text("imports: [app.tasks]\npythonpath: [src, ../lib, /opt/x]\n")
+    monkeypatch.chdir(tmp_path)
+    settings = load(path, env={})
+    here = str(path.parent)
+    assert settings.pythonpath == (f"{here}/src", f"{tmp_path}/lib", "/opt/x")
+    assert settings.import_path() == (*settings.pythonpath, str(tmp_path), here)
+    assert errors_of("pythonpath: src\n") == [
+        'jobqd.yaml:1: pythonpath: expected a list of directories, got "src"'
+    ]
+
+
 def test_quoted_interpolation_stays_a_string() -> None:
     assert errors_of('queues: {default: {concurrency: "${N}"}}', {"N": "8"}) == [
         'jobqd.yaml:1: queues.default.concurrency: expected an integer, got "8"'

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 
 from jobqd.backoff import Backoff
-from jobqd.tasks import Job, JobCancelled, Registry, middleware, task
+from jobqd.tasks import Job, JobCancelled, Registry, import_modules, middleware, task
 from jobqd.worker.executor import Executor, Policy
 
 
@@ -103,3 +104,51 @@ def test_results_that_are_not_json_are_kept_as_their_repr():
     reg = Registry()
     task("obj", registry=reg)(lambda job: {1, 2})
     assert Executor(reg, Policy()).run(make_job("obj")).result == '"{1, 2}"'
+
+
+@pytest.fixture
+def clean_imports(monkeypatch):
+    """import_modules changes sys.path and sys.modules: both are put back after the test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_imports_are_found_in_the_given_path_first(tmp_path, clean_imports):
+    (tmp_path / "firsthour_app").mkdir()
+    (tmp_path / "firsthour_app" / "__init__.py").write_text("")
+    (tmp_path / "firsthour_app" / "jobs.py").write_text("VALUE = 42\n")
+    import_modules(["firsthour_app.jobs"], (str(tmp_path),))
+    assert sys.modules["firsthour_app.jobs"].VALUE == 42
+    assert sys.path[0] == str(tmp_path)
+
+
+def test_a_missing_module_says_where_it_looked_and_what_to_do(tmp_path, clean_imports):
+    with pytest.raises(ImportError) as caught:
+        import_modules(["firsthour_nowhere.tasks"], (str(tmp_path / "src"), str(tmp_path)))
+    assert str(caught.value) == (
+        "cannot import 'firsthour_nowhere.tasks' (from imports:): no module named "
+        f"'firsthour_nowhere'; looked in {tmp_path}/src, {tmp_path} and the packages installed "
+        f"for {sys.executable}. Set pythonpath: in the config to the directory that holds "
+        "'firsthour_nowhere', run jobqd from that directory, or pip install your project into "
+        "that Python"
+    )
+
+
+def test_a_module_that_fails_says_why_and_where(tmp_path, clean_imports):
+    (tmp_path / "firsthour_needs.py").write_text("import firsthour_not_installed\n")
+    (tmp_path / "firsthour_broken.py").write_text("X = 1\nY = 1 / 0\n")
+    with pytest.raises(ImportError) as caught:
+        import_modules(["firsthour_needs"], (str(tmp_path),))
+    assert str(caught.value) == (
+        "cannot import 'firsthour_needs' (from imports:): it imports 'firsthour_not_installed', "
+        f"which is not installed for {sys.executable}: pip install it there"
+    )
+    with pytest.raises(ImportError) as caught:
+        import_modules(["firsthour_broken"], (str(tmp_path),))
+    assert str(caught.value) == (
+        "cannot import 'firsthour_broken' (from imports:): ZeroDivisionError: division by zero "
+        f"(at {tmp_path}/firsthour_broken.py:2)"
+    )
