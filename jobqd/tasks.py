@@ -316,10 +316,14 @@ _POLL = 0.05  # how often a waiting slot looks at job.cancelled and its deadline
 # of a multi-threaded worker, where Python code can deadlock on a lock another thread held at
 # fork; a fresh interpreter holds no such lock (it costs about 10 ms per job). The signal fires
 # when the parent *thread* exits: run() does not return before the program is reaped, so the
-# thread that started it outlives it unless the whole worker dies.
+# thread that started it outlives it unless the whole worker dies. The signals a worker ignores
+# (INT, HUP, USR2: its master's to coordinate) would stay ignored across exec: the program gets
+# their default actions back.
 _EXEC_WITH_PARENT_DEATH_SIGNAL = """\
-import ctypes, os, sys
+import ctypes, os, signal, sys
 ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+    signal.signal(signum, signal.SIG_DFL)
 if os.getppid() != int(sys.argv[1]):  # the worker died before the signal was armed
     os._exit(1)
 try:

@@ -26,8 +26,10 @@ from typing import Any, NoReturn, TextIO
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from jobqd import __version__
 from jobqd import config as config_module
 from jobqd.cli import output
+from jobqd.cli import roll as rolling
 from jobqd.config.durations import format_duration, parse_duration
 from jobqd.config.settings import DatabaseHealthSettings, QueueSettings
 from jobqd.errors import (
@@ -47,6 +49,8 @@ SYSTEM_CONFIG = Path(config_module.DEFAULT_CONFIG)
 WATCH_INTERVAL = 2.0
 DEFAULT_WAIT = 5.0
 """Seconds a command keeps trying to reach the database before it gives up (--wait)."""
+ROLL_TIMEOUT = 300.0
+"""Seconds `jobqctl roll` waits for each daemon's roll (--timeout)."""
 RETRY_FIRST = 0.5
 RETRY_CAP = 5.0
 _TRANSIENT_REFUSALS = (
@@ -389,6 +393,7 @@ def _status_text(document: dict[str, Any]) -> str:
             f"crash loop: {loop['host']} {loop['child']}: {loop['crash_loop']} "
             f"(last: {loop['last_exit']}; {loop['restarts']} restarts): see that node's log"
         )
+    parts += [_roll_line(entry) for entry in document.get("rolls") or ()]
     leader = document["leader"]
     if leader is None:
         parts.append("leader: none (no maintenance process holds the leader lock)")
@@ -399,6 +404,30 @@ def _status_text(document: dict[str, Any]) -> str:
             f"leader: database backend {leader.get('backend_pid')} (process not registered)"
         )
     return "\n".join(parts)
+
+
+def _roll_line(entry: dict[str, Any]) -> str:
+    """A node whose roll is under way or stopped halfway (admin.rolls)."""
+    node = f"roll: {entry['host']} master {entry['master_pid']}"
+    workers = {int(n): count for n, count in entry["workers"].items()}
+    newest = max(workers, default=0)
+    older = sum(count for n, count in workers.items() if n < newest)
+    roll = entry["roll"]
+    if roll and roll.get("state") in ("checking", "rolling"):
+        doing = ", ".join(roll.get("replacing") or ()) or "-"
+        return (
+            f"{node}: roll {roll['number']} {roll['state']}, {roll['replaced']}/{roll['total']}"
+            f" workers replaced (replacing: {doing})"
+        )
+    if roll and roll.get("state") == "failed":
+        return (
+            f"{node}: roll {roll['number']} stopped: {roll.get('error')}; {older} worker(s) "
+            "still run earlier code: fix it and `jobqctl roll` again on that host"
+        )
+    return (
+        f"{node}: {workers.get(newest, 0)} worker(s) run roll {newest}'s code, {older} earlier "
+        "code (a roll is under way or stopped: see that node's log)"
+    )
 
 
 def _unhandled_lines(groups: Iterable[dict[str, Any]]) -> list[str]:
@@ -1035,6 +1064,27 @@ def cmd_psql(ctx: Context, args: argparse.Namespace) -> NoReturn:
         raise CtlError(EXIT_FAILURE, f"cannot run {program}: {exc.strerror or exc}") from None
 
 
+def cmd_roll(ctx: Context, args: argparse.Namespace) -> int:
+    """Roll new task code through the workers of this host's masters (jobqd.cli.roll)."""
+    grace = ctx.settings.reaper.process_grace if ctx.settings else admin.DEFAULT_STALE_AFTER
+    listed = admin.processes(ctx.conn, ctx.schema, stale_after=grace)
+    ctx.close()  # nothing more to ask the database while the roll runs
+    try:
+        outcomes = rolling.roll_host(listed, timeout=args.timeout, note=ctx.note)
+    except rolling.RollFailed as exc:
+        raise CtlError(EXIT_FAILURE, str(exc)) from None
+
+    def human() -> str:
+        return "\n".join(
+            f"{o.host} master {o.master_pid}: roll {o.roll} done: {o.replaced} worker(s) "
+            f"replaced in {o.seconds:.1f}s"
+            for o in outcomes
+        )
+
+    ctx.emit({"masters": [o.document() for o in outcomes]}, human)
+    return EXIT_OK
+
+
 # -- the command line ------------------------------------------------------------------------
 
 
@@ -1056,6 +1106,7 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line; jobqd.cli.manual renders jobqctl(1) from it."""
     parser = argparse.ArgumentParser(
         prog="jobqctl",
         description="Look at jobqd's queues and act on them.",
@@ -1063,6 +1114,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{SYSTEM_CONFIG}, in that order.",
     )
     _common(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"jobqctl {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     _common(common, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -1077,58 +1129,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_duration, default=WATCH_INTERVAL, help="refresh interval")
     command("workers", cmd_workers, "the registered processes on every host")
     p = command("jobs", cmd_jobs, "list jobs, newest first")
-    p.add_argument("--queue")
-    p.add_argument("--state", choices=admin.STATES)
-    p.add_argument("--limit", type=_positive_int, default=50)
+    p.add_argument("--queue", help="only jobs of this queue")
+    p.add_argument("--state", choices=admin.STATES, help="only jobs in this state")
+    p.add_argument("--limit", type=_positive_int, default=50, help="at most this many (50)")
     p = command("show", cmd_show, "one job: args, state, attempts, lease, errors")
-    p.add_argument("id", type=_job_id)
+    p.add_argument("id", type=_job_id, help="the job id")
     for name, handler, states, help in (
         ("retry", cmd_retry, admin.RETRYABLE_STATES, "run jobs again now"),
         ("cancel", cmd_cancel, admin.CANCELLABLE_STATES, "cancel queued or running jobs"),
     ):
         p = command(name, handler, help)
-        p.add_argument("ids", nargs="*", type=_job_id, metavar="ID")
+        p.add_argument("ids", nargs="*", type=_job_id, metavar="ID", help="job ids")
         p.add_argument("--queue", help="every job of this queue in --state")
-        p.add_argument("--state", choices=states)
+        p.add_argument("--state", choices=states, help="with --queue: the jobs in this state")
         p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     p = command("delete", cmd_delete, "delete jobs that are not running")
-    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID")
+    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID", help="job ids")
     p = command("pause", cmd_pause, "stop claiming from a queue on every node")
-    p.add_argument("queue")
+    p.add_argument("queue", help="the queue to pause")
     p.add_argument("--force", action="store_true", help="pause a queue the cluster does not know")
     p = command("resume", cmd_resume, "claim from a paused queue again")
-    p.add_argument("queue")
+    p.add_argument("queue", help="the queue to resume")
     p = command("enqueue", cmd_enqueue, "enqueue one job")
-    p.add_argument("task")
+    p.add_argument("task", help="the task name")
     p.add_argument("--queue", help="default: the task's queue, else default")
     p.add_argument("--args", type=_json_args, default=None, help="job args as JSON")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--delay", type=_duration, help="run after this long, e.g. 30s, 5m")
     when.add_argument("--run-at", type=_time, help="run at this ISO 8601 time")
     p.add_argument("--priority", type=int, default=0, help="smaller runs first")
-    p.add_argument("--max-attempts", type=_positive_int)
-    p.add_argument("--dedup-key")
-    p.add_argument("--idempotency-key")
+    p.add_argument("--max-attempts", type=_positive_int, help="default: the task's or queue's")
+    p.add_argument(
+        "--dedup-key", help="a queued or running job of the queue with this key is returned instead"
+    )
+    p.add_argument("--idempotency-key", help="enqueue once per key within retention.idempotency")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the job's id")
     p = command("wait", cmd_wait, "wait until jobs have ended; print their states")
-    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID")
+    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID", help="job ids")
     p.add_argument(
         "--timeout", type=_duration, default=60.0, help="give up after this long (default 1m)"
     )
     p = command("bundles", cmd_bundles, "list bundles, newest first")
     p.add_argument("--unfinished", action="store_true", help="only bundles still waiting")
-    p.add_argument("--limit", type=_positive_int, default=50)
+    p.add_argument("--limit", type=_positive_int, default=50, help="at most this many (50)")
     p = command("bundle", cmd_bundle, "one bundle: `bundle show ID`")
-    p.add_argument("action", choices=("show",))
-    p.add_argument("id", type=_positive_whole_number("a bundle id"))
+    p.add_argument("action", choices=("show",), help="show")
+    p.add_argument("id", type=_positive_whole_number("a bundle id"), help="the bundle id")
     p = command("migrate", cmd_migrate, "apply pending schema migrations")
     p.add_argument("--dry-run", action="store_true", help="only list what would be applied")
     p = command("events", cmd_events, "list, or turn on/off, job end events per queue")
-    p.add_argument("action", nargs="?", choices=("list", "on", "off"), default="list")
-    p.add_argument("queues", nargs="*", metavar="QUEUE")
+    p.add_argument(
+        "action", nargs="?", choices=("list", "on", "off"), default="list", help="default: list"
+    )
+    p.add_argument("queues", nargs="*", metavar="QUEUE", help="the queues to turn on or off")
     p = command("cron", cmd_cron, "list cron entries, or run one now")
-    p.add_argument("action", choices=("list", "run"))
-    p.add_argument("name", nargs="?")
+    p.add_argument("action", choices=("list", "run"), help="list the entries, or run one now")
+    p.add_argument("name", nargs="?", help="with run: the cron entry")
     command("prune", cmd_prune, "delete finished jobs past retention now")
     p = command("dashboard", cmd_dashboard, "serve the web dashboard for this database")
     p.add_argument(
@@ -1147,7 +1203,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="include the password the URL came with (left out by default)",
     )
     p = command("psql", cmd_psql, "open psql on the database (arguments after -- go to psql)")
-    p.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="-- PSQL-ARGUMENTS")
+    p.add_argument(
+        "psql_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- PSQL-ARGUMENTS",
+        help="passed to psql as they are",
+    )
+    p = command("roll", cmd_roll, "replace every worker on this host's daemons with new code")
+    p.add_argument(
+        "--timeout",
+        type=_duration,
+        default=ROLL_TIMEOUT,
+        metavar="DURATION",
+        help=f"give up waiting for a daemon's roll after this long (default {ROLL_TIMEOUT:g}s)",
+    )
     return parser
 
 

@@ -357,6 +357,7 @@ class QueueSettings:
     completion_batch: int = _key(100, _integer(1))  # outcomes per complete statement
     completion_interval: float = _key(0.005, _duration())  # longest wait to fill a batch
     events: bool | None = _key(None, _boolean)  # job end events; None: as jobqctl events set
+    log_jobs: bool = _key(False, _boolean)  # job start and end lines at info, not debug
     retention: QueueRetention = _section(QueueRetention)
     aging: AgingSettings | None = _section(AgingSettings, default=None)
 

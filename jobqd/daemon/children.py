@@ -152,6 +152,8 @@ class Child:
     quit_sent: bool = False
     killed: bool = False
     kill_reason: str | None = None  # why the master killed it, when not to stop it
+    generation: int = 0  # the roll in force when it started (jobqd.daemon.roll)
+    replaces: int | None = None  # a roll's replacement until it boots: the pid it replaces
 
     def __post_init__(self) -> None:
         self.receiver = Receiver(self.fd)

@@ -41,10 +41,24 @@ from jobqd.store.sql import Queries
 
 log = logging.getLogger("jobqd.process")
 
-MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
+MASTER_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+)
 """The signals the master handles; blocked around fork so none lands in a half-made child."""
 
+_MASTERS_OWN = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+"""The signals a child ignores: the master coordinates what they ask for."""
+
 _PR_SET_PDEATHSIG = 1
+
+_lineage: dict[str, int] = {}
+"""This child's master and the roll it was started in, set once by `become_child`; every
+jobqd.processes row this process writes carries them (see jobqd.daemon.roll)."""
 
 
 def set_parent_death_signal(signum: int) -> bool:
@@ -67,16 +81,19 @@ def become_child(
     close_fds: Iterable[int],
     log_format: str,
     log_level: str,
+    generation: int = 0,
 ) -> None:
-    """Turn a freshly forked copy of the master into a clean child process.
+    """Turn a freshly forked copy of the master into a clean child process, started in roll
+    `generation`.
 
     Signals: TERM and QUIT get their default action until the role installs its own handlers;
-    INT and HUP are ignored, because a Ctrl-C or a reload reaches the master, which coordinates.
+    INT, HUP and USR2 are ignored, because a Ctrl-C, a reload or a roll reaches the master,
+    which coordinates (`systemctl kill -s USR2` without `--kill-whom=main` signals them all).
     """
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
-    for signum in (signal.SIGINT, signal.SIGHUP):
+    for signum in _MASTERS_OWN:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
     for fd in close_fds:
@@ -86,7 +103,8 @@ def become_child(
     if os.getppid() != master_pid:  # the master died before the death signal was armed
         os._exit(0)
     sdnotify.clear_environment()
-    setup_logging(log_format, log_level, role=role)
+    _lineage.update(master_pid=master_pid, generation=generation)
+    setup_logging(log_format, log_level, role=role, name=title)
     set_title(title)
 
 
@@ -152,7 +170,8 @@ class Stopping(enum.Enum):
 
 class ProcessRow:
     """A process's row in jobqd.processes: registered at start, heartbeated, deregistered at
-    the end. A heartbeat that finds the row gone (the reaper took it for dead) registers again."""
+    the end. A heartbeat that finds the row gone (the reaper took it for dead) registers again.
+    In a child of the master, its metadata also says `master_pid` and `generation`."""
 
     def __init__(
         self,
@@ -175,7 +194,7 @@ class ProcessRow:
                 "pid": os.getpid(),
                 "role": self.role,
                 "queue": self.queue,
-                "metadata": json.dumps(metadata),
+                "metadata": json.dumps({**metadata, **_lineage}),
             },
         ).fetchone()
         assert row is not None
@@ -185,7 +204,7 @@ class ProcessRow:
     def heartbeat(self, conn: psycopg.Connection, metadata: dict[str, Any]) -> None:
         alive = conn.execute(
             self.sql.processes_heartbeat,
-            {"process_id": self.process_id, "metadata": json.dumps(metadata)},
+            {"process_id": self.process_id, "metadata": json.dumps({**metadata, **_lineage})},
         ).fetchone()
         if alive is None:
             self.removed(conn, metadata)
@@ -237,13 +256,13 @@ class ChildProcess:
     # -- signals and wake-ups -----------------------------------------------------------------
 
     def install_signals(self) -> None:
-        """TERM drains, QUIT stops fast; INT and HUP are the master's to coordinate. Signals
+        """TERM drains, QUIT stops fast; INT, HUP and USR2 are the master's. Signals
         also write to the wake pipe, so a sleeping loop wakes at once."""
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, lambda *_: self.stop(Stopping.DRAIN))
         signal.signal(signal.SIGQUIT, lambda *_: self.stop(Stopping.FAST))
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for signum in _MASTERS_OWN:
+            signal.signal(signum, signal.SIG_IGN)
 
     def stop(self, how: Stopping = Stopping.DRAIN) -> None:
         """Ask the loop to stop; a second drain request becomes fast."""

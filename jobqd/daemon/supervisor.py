@@ -19,7 +19,8 @@ then talk to systemd and feed the http child.
 Signals: TERM/INT drain (children get TERM, then QUIT after `shutdown_timeout`, then SIGKILL
 `QUIT_GRACE` later); a second TERM/INT, or QUIT, stops fast (QUIT now, SIGKILL
 `FAST_STOP_GRACE` later); HUP reloads the config file, replacing only the children whose
-settings changed.
+settings changed; USR2 rolls: reloads the same way, then replaces every worker, each beside
+its replacement until that has booted (jobqd.daemon.roll).
 
 Child -> master messages (jobqd.daemon.ipc, one JSON object per line):
   `booted {role, process_id?, queue?}` once the child is ready for work;
@@ -33,9 +34,10 @@ Master -> http child messages, on the pipe whose read end is the http child's `f
   MetricStore) and
   `{"kind": "health", "master_alive_at": <unix time>, "preparing": <why the workers are not
   started yet, "" once prepared>, "ready": bool, "stopping": bool, "status": <the STATUS=
-  line>, "children": {<name>: {"role", "queue", "pid", "booted", "started_at", "busy",
-  "concurrency", "leader", "restarts", "crash_looping", "crash_loop", "last_exit"}}}` where
-  `pid` is null for a child waiting to be restarted.
+  line>, "children": {<name>: {"role", "queue", "index", "pid", "booted", "started_at", "busy",
+  "concurrency", "leader", "restarts", "crash_looping", "crash_loop", "last_exit"}}, "roll":
+  <the last roll: jobqd.daemon.roll.Roll.document(), null before any>}` where `pid` is null
+  for a child waiting to be restarted.
 
 Deaths: how a child died (describe_exit, or `killed after child_timeout`) goes with a dead
 worker's process id to the next worker of its queue, which releases its jobs naming it. A
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.metadata
 import logging
 import math
 import os
@@ -80,8 +83,9 @@ from jobqd.daemon.lifecycle import (
 )
 from jobqd.daemon.prepare import MIGRATING, prepare, resolve_database
 from jobqd.daemon.reload import ReloadPlan, plan_reload
+from jobqd.daemon.roll import BOOT_TIMEOUT, ROLLING, Replacement, Roll, plan_roll
 from jobqd.errors import EXIT_BOOT_FAILED, EXIT_FAILURE, EXIT_OK, EXIT_RECYCLE
-from jobqd.observe import sdnotify
+from jobqd.observe import healthfile, sdnotify
 from jobqd.observe.logs import setup_logging
 from jobqd.observe.metrics import MetricStore, define_jobqd_metrics
 from jobqd.observe.proctitle import set_title
@@ -121,6 +125,15 @@ def describe_exit(status: int, *, killed_by_us: bool = False) -> tuple[str, dict
         return text, {"signal": name}
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
     return f"exit status {code}", {"exit_status": code}
+
+
+def installed_version() -> str | None:
+    """The version of jobqd installed on disk now (None when it is not installed as a
+    distribution): a roll refuses to start children from a jobqd other than the master's."""
+    try:
+        return importlib.metadata.version("jobqd")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def bind_listener(http: HttpSettings) -> socket.socket:
@@ -180,7 +193,13 @@ class Supervisor:
         self._dead_workers: dict[str, list[tuple[int, str]]] = {}
         self._status = ""
         self._reload_failed = False
+        self.roll: Roll | None = None  # the last roll, while and after it runs
+        self._roll_pending = False  # the config check under way is a roll's
+        self.generation = 0  # the roll whose code the children started now run
+        self.version = installed_version()
+        self._title = "master"
         self._watchdog = sdnotify.watchdog_interval()
+        self._health_file = healthfile.HealthFile.from_environment()
         self._next_watchdog = 0.0
         self._next_feed = 0.0
 
@@ -211,6 +230,8 @@ class Supervisor:
                 self._fast_stop("SIGQUIT")
             elif signum == signal.SIGHUP and self._stopping is None:
                 self._reload()
+            elif signum == signal.SIGUSR2 and self._stopping is None:
+                self._request_roll()
 
     # -- startup --------------------------------------------------------------------------
 
@@ -354,6 +375,8 @@ class Supervisor:
             self._turn(time.monotonic())
         log.info("master stopped")
         self.metrics.up.set(0)
+        if self._health_file:
+            self._health_file.remove()
         return self._exit_code
 
     def _turn(self, now: float) -> None:
@@ -364,6 +387,7 @@ class Supervisor:
             if not self.prepared and self._preparer is None and now >= self._prepare_at:
                 self._start_preparing(now)
             self._progress(now)
+            self._advance_roll(now)
             self._converge(now)
             self._check_crash_loops(now)
             self._check_boot_failure()
@@ -372,6 +396,7 @@ class Supervisor:
             self._stop_http_last(now)
         self._notify(now)
         self._feed(now)
+        self._retitle()
 
     def _wait(self, now: float) -> float:
         deadlines = [now + MAX_WAIT, self._next_progress]
@@ -392,10 +417,12 @@ class Supervisor:
             if self._watched(child):
                 deadlines.append(child.last_heard + self.settings.child_timeout)
         if self._stopping is None:
-            running = {c.spec for c in self.children.values() if c.stopping_since is None}
+            filled = self._filled()
             for spec in self._startable():
-                if spec not in running:
+                if spec.ident not in filled:
                     deadlines.append(self._restarts(spec).next_start)
+            if self.roll is not None:
+                deadlines += [r.started_at + BOOT_TIMEOUT for r in self.roll.replacing.values()]
         return max(0.0, min(deadlines) - now)
 
     def _restarts(self, spec: ChildSpec) -> Restarts:
@@ -408,11 +435,16 @@ class Supervisor:
         the http child (it needs no database to say how the master is)."""
         return self.specs if self.prepared else [s for s in self.specs if s.kind == HTTP]
 
+    def _filled(self) -> set[Ident]:
+        """The spec identities a child not being stopped fills (in a roll, maybe one whose
+        settings are older than its spec's, until its turn to be replaced)."""
+        return {c.spec.ident for c in self.children.values() if c.stopping_since is None}
+
     def _converge(self, now: float) -> None:
         """Start every wanted child that has no process and whose restart delay is over."""
-        running = {c.spec for c in self.children.values() if c.stopping_since is None}
+        filled = self._filled()
         for spec in self._startable():
-            if spec not in running and now >= self._restarts(spec).next_start:
+            if spec.ident not in filled and now >= self._restarts(spec).next_start:
                 self._spawn(spec)
 
     def _inherited(self) -> list[int]:
@@ -433,7 +465,8 @@ class Supervisor:
         if self.listener is not None:
             self.listener.close()
 
-    def _spawn(self, spec: ChildSpec) -> None:
+    def _spawn(self, spec: ChildSpec) -> Child | None:
+        """Fork a child for `spec`; None when the fork failed (it is tried again in 1s)."""
         read_fd, write_fd = os.pipe()
         feed_read = feed_write = None
         if spec.kind == HTTP:
@@ -455,7 +488,7 @@ class Supervisor:
                     os.close(fd)
             log.error("cannot fork %s: %s; trying again in 1s", spec.name, exc)
             self._restarts(spec).next_start = time.monotonic() + 1.0
-            return
+            return None
         if pid == 0:
             own_ends = [read_fd] if feed_write is None else [read_fd, feed_write]
             run_and_exit(
@@ -471,7 +504,7 @@ class Supervisor:
             os.close(feed_read)
             os.set_blocking(feed_write, False)
             feed = Feed(feed_write)
-        child = Child(spec, pid, read_fd, feed=feed)
+        child = Child(spec, pid, read_fd, feed=feed, generation=self.generation)
         if spec.kind == WORKER:
             child.concurrency = self.settings.queues[spec.queue].concurrency
         self.children[pid] = child
@@ -479,6 +512,7 @@ class Supervisor:
         log.info("started %s", spec.name, extra=child.fields())
         if feed is not None:
             self._next_feed = 0.0
+        return child
 
     def _child_main(
         self,
@@ -501,6 +535,7 @@ class Supervisor:
             close_fds=inherited,
             log_format=self.settings.log.format,
             log_level=self.settings.log.level,
+            generation=self.generation,
         )
         self.metric_store.reset()
         context = ChildContext(
@@ -583,6 +618,10 @@ class Supervisor:
             # cleanly held nothing: a no-op.)
             dead = self._dead_workers.setdefault(child.spec.queue or "", [])
             dead.append((child.process_id, how))
+        if child.replaces is not None and child.stopping_since is None:
+            when = "right after it booted" if child.booted else "before it booted"
+            self._replacement_failed(child, f"exited {when}: {how}")
+            return
         if child.stopping_since is not None or self._stopping is not None:
             log.info("%s exited: %s", child.spec.name, how, extra=fields)
             return
@@ -671,6 +710,7 @@ class Supervisor:
         )
         sdnotify.notify("STOPPING=1", "STATUS=draining")
         self._stop_helpers()
+        self._roll_stopped()
         now = time.monotonic()
         for child in self.children.values():
             if child.spec.kind != HTTP:
@@ -688,12 +728,18 @@ class Supervisor:
             helper.kill()
         self._pending_reload = None
 
+    def _roll_stopped(self) -> None:
+        if self.roll is not None and self.roll.active:
+            self.roll.fail("stopping", "the daemon is stopping", time.monotonic())
+            self._roll_pending = False
+
     def _fast_stop(self, reason: str) -> None:
         if self._stopping is None:
             sdnotify.notify("STOPPING=1", "STATUS=stopping")
         self._stopping = "fast"
         log.warning("%s: stopping fast; running jobs are released to their queues", reason)
         self._stop_helpers()
+        self._roll_stopped()
         now = time.monotonic()
         for child in self.children.values():
             child.stopping_since = child.stopping_since or now
@@ -758,10 +804,12 @@ class Supervisor:
 
     # -- reload ---------------------------------------------------------------------------
 
-    def _reload(self) -> None:
+    def _reload(self, *, roll: bool = False) -> None:
         """Parse the config file here (plain YAML, no user code), then check it the way
         `jobqd --check` does in a helper process, which imports the modules and resolves
-        the tasks and cron entries; `_checked` applies it only if that passed."""
+        the tasks and cron entries; `_checked` applies it only if that passed, and then
+        begins the roll if this (or a reload it overtook) was one."""
+        self._roll_pending = self._roll_pending or roll
         sdnotify.reloading()
         log.info("reloading %s", self.config_path)
         try:
@@ -778,7 +826,7 @@ class Supervisor:
             from jobqd.cli.daemon import check_config
 
             errors, warnings = check_config(path)
-            return {"errors": errors, "warnings": warnings}
+            return {"errors": errors, "warnings": warnings, "version": installed_version()}
 
         self._pending_reload = new
         self._checker = self._start_helper("reload check", work, time.monotonic() + CHECK_TIMEOUT)
@@ -797,7 +845,17 @@ class Supervisor:
         if verdict.get("errors"):
             self._reload_failed_with([str(e) for e in verdict["errors"]])
             return
-        self._apply_reload(new)
+        roll, self._roll_pending = self._roll_pending, False
+        if roll and verdict.get("version") != self.version:
+            self._roll_refused(
+                "version",
+                f"jobqd itself changed on disk ({self.version} -> {verdict.get('version')}): a "
+                "roll starts workers from the master's jobqd, which would mix two versions; "
+                "nothing was changed: restart the daemon to run the new jobqd "
+                "(systemctl restart jobqd)",
+            )
+            return
+        self._apply_reload(new, roll=roll)
 
     def _reload_failed_with(self, errors: list[str]) -> None:
         for error in errors:
@@ -808,6 +866,9 @@ class Supervisor:
             len(errors),
         )
         self._reload_failed = True
+        if self._roll_pending:
+            self._roll_pending = False
+            self._roll_refused("config", f"{self.config_path} did not pass the check")
         self._status = self.status_line()
         sdnotify.notify("READY=1", f"STATUS={self._status}")
 
@@ -828,10 +889,14 @@ class Supervisor:
         self.listener = listener
         return True
 
-    def _apply_reload(self, new: config.Settings) -> None:
+    def _apply_reload(self, new: config.Settings, *, roll: bool = False) -> None:
+        """Stop the children whose settings changed and start the new ones; in a roll, the
+        workers whose queue stays are left for the roll to replace, each in its turn."""
         old = self.settings
         plan = plan_reload(old, self.specs, new)
         if not self._rebind(plan):
+            if roll:
+                self._roll_refused("config", "the new http.listen cannot be bound")
             return
         self._reload_failed = False
         if plan.database_changed:
@@ -839,12 +904,17 @@ class Supervisor:
         if plan.log_changed:
             setup_logging(plan.settings.log.format, plan.settings.log.level, role="master")
         now = time.monotonic()
+        rolled = {s.ident for s in plan.specs if s.kind == WORKER} if roll else set()
         for child in list(self.children.values()):
             if child.stopping_since is None and not plan.keeps(child.spec):
+                if child.spec.ident in rolled:
+                    continue
                 log.info("stopping %s: its settings changed", child.spec.name, extra=child.fields())
                 self._stop_child(child, now, old.shutdown_timeout)
         self.restarts = plan.restarts(self.restarts)
         self.settings, self.specs = plan.settings, plan.specs
+        if roll:
+            self._begin_roll(now)
         self._converge(now)
         log.info(
             "reloaded: %d replaced, %d started, %d retired, %d unchanged",
@@ -857,13 +927,177 @@ class Supervisor:
         self._status = self.status_line()
         sdnotify.notify("READY=1", f"STATUS={self._status}")
 
+    # -- rolling ---------------------------------------------------------------------------
+
+    def _request_roll(self) -> None:
+        """USR2: a new roll, unless one is under way (a second USR2 is not queued)."""
+        if self.roll is not None and self.roll.active:
+            log.warning(
+                "roll %d is still under way (%s): SIGUSR2 ignored; roll again once it ended",
+                self.roll.number,
+                self.roll.progress(),
+            )
+            return
+        number = self.roll.number + 1 if self.roll is not None else 1
+        self.roll = Roll(number, started_at=time.monotonic())
+        log.info("roll %d: checking %s, then replacing every worker", number, self.config_path)
+        self._reload(roll=True)
+
+    def _roll_refused(self, where: str, why: str) -> None:
+        assert self.roll is not None
+        self.roll.fail(where, why, time.monotonic())
+        log.error("roll %d refused: %s", self.roll.number, why)
+
+    def _begin_roll(self, now: float) -> None:
+        """The config is applied: from now on children start in this roll's generation, and
+        every worker started before it is to be replaced."""
+        roll = self.roll
+        assert roll is not None
+        self.generation = roll.number
+        older = [
+            c.spec.ident
+            for c in self.children.values()
+            if c.spec.kind == WORKER and c.stopping_since is None and c.generation < roll.number
+        ]
+        roll.begin(plan_roll(self.specs, older))
+        log.info(
+            "roll %d: replacing %d worker(s) in %d step(s), one queue at a time",
+            roll.number,
+            roll.total,
+            len(roll.steps),
+        )
+
+    def _advance_roll(self, now: float) -> None:
+        """Drain each old worker whose replacement booted; give up on a replacement that
+        takes too long; once a step is through, start the next one."""
+        roll = self.roll
+        if roll is None or roll.state != ROLLING:
+            return
+        for ident, step in list(roll.replacing.items()):
+            new = self.children.get(step.new_pid)
+            if new is None or new.stopping_since is not None:  # a HUP replaced it meanwhile
+                del roll.replacing[ident]
+                roll.replaced += 1
+                continue
+            if new.booted:
+                del roll.replacing[ident]
+                roll.replaced += 1
+                new.replaces = None
+                old = self.children.get(step.old_pid)
+                log.info(
+                    "roll %d: %s replaced (%d/%d): pid %d booted in %.1fs, pid %d drains",
+                    roll.number,
+                    new.spec.name,
+                    roll.replaced,
+                    roll.total,
+                    new.pid,
+                    (new.booted_at or now) - step.started_at,
+                    step.old_pid,
+                    extra=new.fields(),
+                )
+                if old is not None:
+                    self._stop_child(old, now, self.settings.shutdown_timeout)
+            elif now - step.started_at >= BOOT_TIMEOUT:
+                self._replacement_failed(new, f"did not boot within {BOOT_TIMEOUT:.0f}s")
+                self._stop_child(new, now, self.settings.shutdown_timeout)
+                return
+        while not roll.replacing and roll.state == ROLLING:
+            idents = roll.next_step()
+            if idents is None:
+                roll.finish(now)
+                log.info(
+                    "roll %d done: %d worker(s) replaced in %.1fs",
+                    roll.number,
+                    roll.replaced,
+                    now - roll.started_at,
+                )
+                return
+            for ident in idents:
+                self._replace(roll, ident, now)
+
+    def _replace(self, roll: Roll, ident: Ident, now: float) -> None:
+        """Start the replacement of the worker filling `ident`, beside it. Nothing to do when
+        none runs there or it already runs this roll's code (it was restarted meanwhile)."""
+        old = next(
+            (
+                c
+                for c in self.children.values()
+                if c.spec.ident == ident and c.stopping_since is None and c.replaces is None
+            ),
+            None,
+        )
+        spec = next((s for s in self.specs if s.ident == ident), None)
+        if old is None or spec is None or old.generation >= roll.number:
+            roll.replaced += 1
+            return
+        new = self._spawn(spec)
+        if new is None:
+            roll.fail(spec.name, f"cannot fork a replacement for {spec.name}", now)
+            log.error(
+                "roll %d stopped: cannot fork a replacement for %s; the workers not yet "
+                "replaced keep running: roll again once the host has memory and processes",
+                roll.number,
+                spec.name,
+            )
+            return
+        new.replaces = old.pid
+        roll.replacing[ident] = Replacement(old.pid, new.pid, now)
+        log.info(
+            "roll %d: replacing %s (pid %d) with pid %d",
+            roll.number,
+            spec.name,
+            old.pid,
+            new.pid,
+            extra=new.fields(),
+        )
+
+    def _replacement_failed(self, child: Child, why: str) -> None:
+        """A replacement did not boot: stop the roll, leaving the worker it was to replace
+        and every worker not yet replaced as they are; stop the other replacements of the
+        step, which have no jobs yet."""
+        roll = self.roll
+        child.replaces = None
+        if roll is None or roll.state != ROLLING:
+            return
+        now = time.monotonic()
+        roll.replacing.pop(child.spec.ident, None)
+        for other in roll.replacing.values():
+            if (booting := self.children.get(other.new_pid)) is not None:
+                booting.replaces = None
+                self._stop_child(booting, now, self.settings.shutdown_timeout)
+        roll.replacing.clear()
+        name = child.spec.name
+        roll.fail(name, f"the replacement for {name} {why}", now)
+        log.error(
+            "roll %d stopped: the replacement for %s %s; %s and the %d other worker(s) not "
+            "yet replaced keep running their code (%d of %d were replaced): fix the error "
+            "logged above, or put the previous code back, and roll again",
+            roll.number,
+            name,
+            why,
+            name,
+            max(0, roll.total - roll.replaced - 1),
+            roll.replaced,
+            roll.total,
+            extra=child.fields(),
+        )
+
+    def _retitle(self) -> None:
+        """The master's title says how its last roll went: `jobqctl roll` reads it."""
+        title = self.roll.title() if self.roll is not None else "master"
+        if title != self._title:
+            self._title = title
+            set_title(title)
+
     # -- reporting ------------------------------------------------------------------------
 
     def _check_ready(self, now: float) -> None:
         if self._ready or not self.prepared:
             return
-        running = {c.spec for c in self.children.values() if c.booted}
-        settled = all(spec in running or self._restarts(spec).crash_looping for spec in self.specs)
+        running = {c.spec.ident for c in self.children.values() if c.booted}
+        settled = all(
+            spec.ident in running or self._restarts(spec).crash_looping for spec in self.specs
+        )
         if not settled and now < self._ready_deadline:
             return
         self._ready = True
@@ -872,7 +1106,7 @@ class Supervisor:
         if settled:
             log.info("ready: %s", self._status)
         else:
-            waiting = ", ".join(s.name for s in self.specs if s not in running)
+            waiting = ", ".join(s.name for s in self.specs if s.ident not in running)
             log.warning("ready, but still waiting for %s to boot: %s", waiting, self._status)
 
     def status_line(self) -> str:
@@ -883,6 +1117,7 @@ class Supervisor:
             self.restarts,
             stopping=self._stopping,
             reload_failed=self._reload_failed,
+            roll=self.roll,
             now=time.monotonic(),
         )
 
@@ -895,6 +1130,8 @@ class Supervisor:
         if self._watchdog and now >= self._next_watchdog:
             sdnotify.notify("WATCHDOG=1")
             self._next_watchdog = now + self._watchdog
+        if self._health_file:
+            self._health_file.beat(now, self._status or self.preparing)
 
     def health(self) -> dict[str, Any]:
         """The `health` message for the http child (jobqd.daemon.report)."""
@@ -906,6 +1143,7 @@ class Supervisor:
             ready=self._ready,
             stopping=self._stopping is not None,
             status=self.status_line(),
+            roll=self.roll,
             master_alive_at=time.time(),
             now=time.monotonic(),
         )

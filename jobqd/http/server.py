@@ -11,11 +11,10 @@ stopped only after the last worker has exited. It also writes the node's health 
 child's restarts and crash loops, as the master reports them) into its own jobqd.processes
 row every `HEALTH_WRITE_INTERVAL`, which is how `jobqctl status` sees crash loops: the
 master has no database connection, and a child that crash-loops may never get a row.
-Database gauges (jobs per queue and state, oldest due job) are counted here with sessions of
-this child's own and cached for `GAUGE_TTL`, so a scrape costs at most one query a second.
+What /metrics exports, and how it reads the database for it, is jobqd.http.metrics.
 
 Endpoints:
-  GET /metrics     Prometheus text 0.0.4
+  GET /metrics     Prometheus text 0.0.4, or OpenMetrics when the Accept header asks for it
   GET /healthz     200 while the master fed us in the last `HEALTH_WINDOW` seconds, else 503
                    (the database plays no part: the master feeds us while it waits for it)
   GET /readyz      200 when the master has prepared the database, the database answers,
@@ -67,13 +66,7 @@ from jobqd.errors import (
     PayloadError,
     first_line,
 )
-from jobqd.observe.metrics import (
-    CONTENT_TYPE,
-    DatabaseMetrics,
-    MetricStore,
-    define_database_metrics,
-    define_jobqd_metrics,
-)
+from jobqd.http.metrics import Scrape
 from jobqd.store import admin, bundles, migrate
 from jobqd.store import jobs as job_rows
 from jobqd.store.connections import connect
@@ -83,7 +76,6 @@ log = logging.getLogger("jobqd.http")
 
 HEALTH_WINDOW = 5.0
 """Seconds without a message from the master after which /healthz says 503."""
-GAUGE_TTL = 1.0
 READY_TTL = 1.0
 REQUEST_TIMEOUT = 10.0
 """Seconds a client may take to send its request (slow clients hold a thread)."""
@@ -196,66 +188,29 @@ class _Cached:
 class App:
     """What the endpoints answer, apart from HTTP itself (see Handler)."""
 
-    def __init__(self, settings: Any, dsn: str, feed: Feed, token: str | None) -> None:
+    def __init__(
+        self,
+        settings: Any,
+        dsn: str,
+        feed: Feed,
+        token: str | None,
+        *,
+        master_pid: int | None = None,
+    ) -> None:
         self.settings = settings
         self.schema = settings.database.schema
         self.feed = feed
         self.token = token
         self.sessions = Sessions(dsn, application_name=settings.database.application_name)
-        self._gauges = _Cached(GAUGE_TTL, self._count)
         self._database = _Cached(READY_TTL, self._check_database)
-        self._health = _Cached(GAUGE_TTL, self._database_health)
+        self.scrape = Scrape(settings, self.sessions.session, master_pid=master_pid)
 
     # -- metrics and health -----------------------------------------------------------------
 
-    def _count(self) -> tuple[Any, Any, dict[str, Any] | None] | None:
-        """Jobs per queue and state, the oldest due job per queue, and the leader lock's
-        holder (from pg_locks), in one session; None when the database cannot be read."""
-        try:
-            with self.sessions.session() as conn:
-                depth, oldest = admin.queue_depth(conn, self.schema)
-                return depth, oldest, admin.leader(conn, self.schema)
-        except (psycopg.Error, DatabaseUnavailable) as exc:
-            log.warning("cannot count jobs for /metrics: %s", first_line(exc))
-            return None
-
-    def metrics(self) -> str:
-        snapshot, _, _ = self.feed.state()
-        store = MetricStore()
-        metrics = define_jobqd_metrics(store)
-        database_up = store.gauge(
-            "jobqd_database_up", "1 when this node's http process could count jobs, else 0."
-        )
-        store.merge(snapshot)
-        counted = self._gauges.get()
-        database_up.set(0 if counted is None else 1)
-        # Leadership from the lock itself, never from what the maintenance child said of
-        # itself: a frozen leader keeps saying it leads after the database ended its session.
-        _, health, _ = self.feed.state()
-        holder = counted[2] if counted is not None else None
-        metrics.leader.set(1 if _leads_here(holder, health) else 0)
-        if counted is not None:
-            depth, oldest, _ = counted
-            for (queue, state), jobs in depth.items():
-                metrics.queue_jobs.set(jobs, queue, state)
-            for queue, age in oldest.items():
-                metrics.queue_oldest_job_age.set(age, queue)
-        health = self._health.get()
-        if health is not None:
-            _set_database_health(define_database_metrics(store), health)
-        return store.render()
-
-    def _database_health(self) -> dict[str, Any] | None:
-        """admin.database_health for /metrics; None when it cannot be read. An unreachable
-        database is not logged here: jobqd_database_up and the job count's line say it."""
-        try:
-            with self.sessions.session() as conn:
-                return admin.database_health(conn, self.schema, self.settings.database_health)
-        except (psycopg.OperationalError, DatabaseUnavailable):
-            return None
-        except psycopg.Error as exc:
-            log.warning("cannot read the database's health for /metrics: %s", first_line(exc))
-            return None
+    def metrics(self, accept: str | None) -> tuple[bytes, str]:
+        """The /metrics body and its Content-Type (jobqd.http.metrics)."""
+        snapshot, health, _ = self.feed.state()
+        return self.scrape.body(snapshot, health, accept)
 
     def healthz(self) -> tuple[HTTPStatus, dict[str, Any]]:
         _, health, fed_at = self.feed.state()
@@ -363,33 +318,6 @@ class App:
             return {"queues": admin.queue_status(conn, self.schema)}
 
 
-def _set_database_health(metrics: DatabaseMetrics, health: dict[str, Any]) -> None:
-    database = health["database"]
-    holder = health["vacuum_holder"] or {"age": 0.0, "xid_age": 0}
-    if holder["age"] is not None:
-        metrics.vacuum_holder_age.set(holder["age"], database)
-    metrics.vacuum_holder_xid_age.set(holder["xid_age"], database)
-    if health["vacuum_held_back"]:
-        pid = "" if holder["pid"] is None else str(holder["pid"])
-        names = (holder["application_name"] or "", holder["name"] or "", holder["state"] or "")
-        metrics.vacuum_holder.set(1, database, holder["kind"], pid, *names)
-    for table in health["tables"]:
-        name = table["table"]
-        metrics.dead_tuples.set(table["dead_tuples"], database, name)
-        metrics.live_tuples.set(table["live_tuples"], database, name)
-        vacuumed = table["vacuumed_at"]
-        metrics.last_vacuum.set(vacuumed.timestamp() if vacuumed else 0, database, name)
-    metrics.health_warnings.set(len(health["warnings"]), database)
-
-
-def _leads_here(holder: dict[str, Any] | None, health: dict[str, Any] | None) -> bool:
-    """Whether the leader lock's holder is this node's maintenance child."""
-    if holder is None or health is None or holder.get("host") != socket.gethostname():
-        return False
-    maintenance = (health.get("children") or {}).get("maintenance") or {}
-    return maintenance.get("pid") is not None and holder.get("pid") == maintenance["pid"]
-
-
 def _children_problem(health: dict[str, Any] | None) -> str | None:
     if health is None:
         return "no health report from the master yet"
@@ -413,14 +341,19 @@ def _children_problem(health: dict[str, Any] | None) -> str | None:
 
 def node_health(health: dict[str, Any]) -> dict[str, Any]:
     """What this child writes into its jobqd.processes row about the node: the master's
-    pid-free view of each child (restarts, crash loop, last exit) and what it waits for."""
+    pid-free view of each child (restarts, crash loop, last exit), what it waits for and its
+    last roll (jobqd.daemon.roll)."""
     keys = ("role", "queue", "booted", "restarts", "crash_looping", "crash_loop", "last_exit")
     children = {
         name: {key: child.get(key) for key in keys}
         for name, child in (health.get("children") or {}).items()
         if isinstance(child, dict)
     }
-    return {"children": children, "preparing": health.get("preparing") or None}
+    return {
+        "children": children,
+        "preparing": health.get("preparing") or None,
+        "roll": health.get("roll"),
+    }
 
 
 def _enqueue_arguments(body: Any) -> dict[str, Any]:
@@ -515,7 +448,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             if method == "GET" and path == "/metrics":
-                self._send(HTTPStatus.OK, self.app.metrics().encode(), CONTENT_TYPE)
+                self._send(HTTPStatus.OK, *self.app.metrics(self.headers.get("Accept")))
             elif method == "GET" and path == "/healthz":
                 self._json(*self.app.healthz())
             elif method == "GET" and path == "/readyz":
@@ -719,7 +652,7 @@ def serve(
     """Serve until the feed closes (the master is gone), TERM/QUIT, or the parent changes."""
     feed = Feed()
     token = os.environ.get(settings.http.token_env) or None
-    app = App(settings, dsn, feed, token)
+    app = App(settings, dsn, feed, token, master_pid=parent_pid)
     dashboard = None
     if settings.http.dashboard:
         from jobqd.http import dashboard as web

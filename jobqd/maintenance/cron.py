@@ -264,7 +264,7 @@ def run_once(
                         "cron %s fired tick %s",
                         name,
                         tick_text(tick),
-                        extra={**_fields(name, entry), "job_id": job_id},
+                        extra={**_fields(name, entry), "job_id": job_id, "attempt": 0},
                     )
     result.now = clock
     upcoming = [t for e in entries.values() if (t := _schedule(e).next_after(clock)) is not None]
@@ -384,7 +384,11 @@ def fire_now(conn: psycopg.Connection, settings: Settings, name: str) -> int:
         with conn.transaction():
             job_id = _enqueue_tick(conn, sql, name, entry, None, manual=True)
         if job_id is not None:
-            log.info("cron %s run by hand", name, extra={**_fields(name, entry), "job_id": job_id})
+            log.info(
+                "cron %s run by hand",
+                name,
+                extra={**_fields(name, entry), "job_id": job_id, "attempt": 0},
+            )
             return job_id
     raise JobqdError(f"cron entry {name!r}: could not record a manual tick; try again")
 

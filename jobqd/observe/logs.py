@@ -4,6 +4,10 @@ Each process writes whole lines to the stdout it inherited; systemd or Docker co
 Records carry the process ``role`` and ``pid`` (read when the record is handled, because
 children are forked from the master), plus any ``extra`` fields and the fields bound with
 :func:`log_context` on the current thread.
+
+JSON lines (and the journal's) carry every field, and ``host``. Text lines are for a person at
+a terminal: the process by name (``worker emails#0[1234]``), a job's id, task, queue and
+attempt as words before the message, and only the fields the rest of the line does not say.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextvars
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -26,6 +31,7 @@ JOB_FIELDS = ("job_id", "queue", "task", "attempt")
 """Job context fields; pass them as ``extra`` (or via :func:`log_context`) by these names."""
 
 _role = "master"
+_name = "master"  # the process as the text format names it: `worker emails#0`
 _handler: logging.Handler | None = None
 _context: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
     "jobqd_log_context", default=None
@@ -48,12 +54,15 @@ def setup_logging(
     level: str = "info",
     role: str = "master",
     stream: TextIO | None = None,
+    *,
+    name: str | None = None,
 ) -> None:
     """Install (or replace) jobqd's handler on the root logger.
 
     Safe to call again, e.g. in a child right after fork with its own role. ``stream``
     defaults to the current ``sys.stdout``. ``fmt`` is one of :data:`FORMATS`; ``auto`` picks
     ``journal`` when the stream is connected to journald, ``text`` on a terminal, else ``json``.
+    ``name`` is the process's name in text lines (a child's title), by default its role.
     """
     global _handler
     if fmt not in FORMATS:
@@ -75,13 +84,15 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(levels[level.upper()])
     _handler = handler
-    set_role(role)
+    set_role(role, name)
 
 
-def set_role(role: str) -> None:
-    """Name the role of this process (``master``, ``worker``, ``maintenance``, ``http``)."""
-    global _role
+def set_role(role: str, name: str | None = None) -> None:
+    """Name the role of this process (``master``, ``worker``, ``maintenance``, ``http``) and,
+    for text lines, the process itself (``worker emails#0``; by default the role)."""
+    global _role, _name
     _role = role
+    _name = name or role
 
 
 def log_context(**fields: Any) -> _LogContext:
@@ -149,12 +160,13 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class _JsonFormatter(JsonFormatter):
-    """One JSON object per line: ts, level, logger, message, role, pid, then extras."""
+    """One JSON object per line: ts, level, logger, message, role, pid, host, then extras."""
 
     def __init__(self) -> None:
         super().__init__(
             ["levelname", "name", "message", "role", "pid"],
             rename_fields={"levelname": "level", "name": "logger"},
+            static_fields={"host": socket.gethostname()},
             json_default=str,
             json_ensure_ascii=False,
         )
@@ -174,18 +186,36 @@ class _JournalFormatter(_JsonFormatter):
         return f"<{priority}>{super().format(record)}"
 
 
+_TEXT_HIDDEN = frozenset(
+    {"child", "child_role", "index", "event", "outcome", "duration", "exit_status", "signal"}
+    | set(JOB_FIELDS)
+)
+"""Fields a text line does not repeat: the message names the child, how it exited and a
+job's outcome and duration, the process name says its queue and index, the job's words say
+the job, and `event` is for machines."""
+
+
 class _TextFormatter(logging.Formatter):
-    """Human-readable: ``2026-11-22 06:40:01.123 INFO  worker[1234] message key=value``."""
+    """For a terminal: ``2026-11-22 06:40:01.123 INFO  worker emails#0[1234] job 42
+    send_welcome on emails, attempt 2: succeeded in 12ms``, then the fields not said."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        line = (
-            f"{stamp}.{int(record.msecs):03d} {record.levelname:<5} "
-            f"{record.role}[{record.pid}] {record.getMessage()}"
-        )
+        line = f"{stamp}.{int(record.msecs):03d} {record.levelname:<5} {_name}[{record.pid}] "
+        fields = record.__dict__
+        if fields.get("job_id") is not None:
+            line += _job_words(fields) + ": "
+        line += record.getMessage()
         extras = _extras(record)
-        if extras:
-            line += " " + " ".join(f"{key}={_text_value(value)}" for key, value in extras.items())
+        shown = [
+            f"{'pid' if key == 'child_pid' else key}={_text_value(value)}"
+            for key, value in extras.items()
+            if key not in _TEXT_HIDDEN
+            and not (key == "queue" and ("child" in extras or _name.startswith("worker ")))
+            and value not in ((), [], None)
+        ]
+        if shown:
+            line += " " + " ".join(shown)
         if record.exc_info:
             record.exc_text = record.exc_text or self.formatException(record.exc_info)
         if record.exc_text:
@@ -195,8 +225,25 @@ class _TextFormatter(logging.Formatter):
         return line
 
 
+def _job_words(fields: Mapping[str, Any]) -> str:
+    """``job 42 send_welcome on emails, attempt 2``: as much of it as the record has."""
+    words = f"job {fields['job_id']}"
+    if fields.get("task"):
+        words += f" {fields['task']}"
+    if fields.get("queue"):
+        words += f" on {fields['queue']}"
+    if fields.get("attempt") is not None:
+        words += f", attempt {fields['attempt']}"
+    return words
+
+
 def _text_value(value: Any) -> str:
-    text = value if isinstance(value, str) else str(value)
+    if isinstance(value, list | tuple | set | frozenset):
+        text = ", ".join(str(item) for item in value)
+    elif isinstance(value, dict):
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    else:
+        text = value if isinstance(value, str) else str(value)
     if not text or any(c.isspace() or c in '"=' for c in text):
         return json.dumps(text, ensure_ascii=False)
     return text

@@ -1,20 +1,23 @@
-"""Counters, gauges and histograms added up in the master, rendered as Prometheus text.
+"""Counters, gauges and histograms added up in the master, exposed through prometheus_client.
 
 The master is forked from and holds no threads, so there is no shared memory between
 processes: each child counts into its own :class:`MetricStore` and sends
 :meth:`MetricStore.snapshot_delta` up its pipe with its heartbeat; the master
-:meth:`MetricStore.merge` s those deltas into totals that outlive child restarts, and
-:meth:`MetricStore.render` gives the ``/metrics`` body (text format 0.0.4).
+:meth:`MetricStore.merge` s those deltas into totals that outlive child restarts, and the
+http child turns a store into the ``/metrics`` body with :meth:`MetricStore.exposition`: a
+custom prometheus_client collector over the store, so the text format (0.0.4, or OpenMetrics
+when the scraper asks for it) and its escaping are the library's.
 
 Gauges are absolute values. The master keeps, per gauge sample, the last value each
 *source* (child) reported and renders their sum, so that two workers of one queue add up;
 call :meth:`MetricStore.forget` when a child exits. Without a source, the last write wins.
 
-Why not prometheus_client: its multiprocess mode keeps one mmap file per process and metric
-in a shared directory that must be wiped at start and pruned when a child dies, and it cannot
-keep a counter going across a child's restart without keeping the dead child's files. The
-children already report to the master through a pipe each second, so adding a delta there is
-less machinery, keeps nothing on disk and costs the hot path one dict update per batch.
+Why not prometheus_client's own metrics and its multiprocess mode: that mode keeps one mmap
+file per process and metric in a shared directory that must be wiped at start and pruned when
+a child dies, and it cannot keep a counter going across a child's restart without keeping the
+dead child's files. The children already report to the master through a pipe each second, so
+adding a delta there is less machinery, keeps nothing on disk and costs the hot path one dict
+update per batch; only the rendering is the library's.
 """
 
 from __future__ import annotations
@@ -25,15 +28,25 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+"""Queue wait runs from milliseconds (idle slots) to hours (a backlog)."""
 
 Labels = tuple[str, ...]
 Delta = dict[str, list[list[Any]]]
@@ -100,14 +113,19 @@ class _Family:
         with self._lock:
             return sorted(self._values.items())
 
-    def _render(self, out: list[str]) -> None:
-        out.append(f"# HELP {self.name} {_escape_help(self.help)}")
-        out.append(f"# TYPE {self.name} {self.kind}")
+    def _collect(self) -> Metric:
+        """The library's metric family for this one; a family without labels shows 0 rather
+        than nothing until it is first written."""
+        family = self._library_family()
         rows = self._rows()
         if not rows and not self.labels:
             rows = [((), 0)]
         for labels, value in rows:
-            out.append(f"{self.name}{_labels(self.labels, labels)} {_number(value)}")
+            family.add_metric(labels, value)
+        return family
+
+    def _library_family(self) -> Any:
+        raise NotImplementedError
 
 
 class Counter(_Family):
@@ -128,6 +146,9 @@ class Counter(_Family):
             raise ValueError(f"{self.name}: counters only go up")
         with self._lock:
             self._values[labels] = self._values.get(labels, 0) + amount
+
+    def _library_family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.help, labels=self.labels)
 
 
 class Gauge(_Family):
@@ -182,6 +203,9 @@ class Gauge(_Family):
         with self._lock:
             self._values, self._changed, self._sources = {}, set(), {}
 
+    def _library_family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+
     def _rows(self) -> list[tuple[Labels, Any]]:
         with self._lock:
             total = dict(self._values)
@@ -195,7 +219,7 @@ class Histogram(_Family):
     """Observations counted into fixed buckets, plus their sum.
 
     A sample is ``[count per bucket..., count above the last bucket, sum]``, not cumulative,
-    so that deltas add up; :meth:`render` makes the counts cumulative.
+    so that deltas add up; the exposition makes the counts cumulative.
     """
 
     kind = "histogram"
@@ -229,6 +253,21 @@ class Histogram(_Family):
             row[index] += 1
             row[-1] += value
 
+    def observe_many(self, values: Sequence[float], *labels: str) -> None:
+        """Count every one of ``values`` under one lock: a batch's observations at once."""
+        if len(labels) != self._arity:
+            raise self._wrong_arity(labels)
+        if not values:
+            return
+        bounds, find, total = self.buckets, bisect.bisect_left, sum(values)
+        with self._lock:
+            row = self._values.get(labels)
+            if row is None:
+                row = self._values[labels] = [0] * self._width + [0.0]
+            for value in values:
+                row[find(bounds, value)] += 1
+            row[-1] += total
+
     def _take(self) -> list[list[Any]]:
         return [[labels, row[:-1], row[-1]] for labels, row in super()._take()]
 
@@ -255,22 +294,16 @@ class Histogram(_Family):
         with self._lock:
             return sorted((labels, list(row)) for labels, row in self._values.items())
 
-    def _render(self, out: list[str]) -> None:
-        out.append(f"# HELP {self.name} {_escape_help(self.help)}")
-        out.append(f"# TYPE {self.name} histogram")
+    def _collect(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.help, labels=self.labels)
         rows = self._rows()
         if not rows and not self.labels:
             rows = [((), [0] * self._width + [0.0])]
-        bounds = [_number(bound, point=True) for bound in self.buckets] + ["+Inf"]
+        bounds = [floatToGoString(bound) for bound in self.buckets] + ["+Inf"]
         for labels, row in rows:
-            cumulative = 0
-            for bound, count in zip(bounds, row[:-1], strict=True):
-                cumulative += count
-                le = _labels((*self.labels, "le"), (*labels, bound))
-                out.append(f"{self.name}_bucket{le} {cumulative}")
-            rendered = _labels(self.labels, labels)
-            out.append(f"{self.name}_sum{rendered} {_number(row[-1])}")
-            out.append(f"{self.name}_count{rendered} {cumulative}")
+            cumulative = list(itertools.accumulate(row[:-1]))
+            family.add_metric(labels, list(zip(bounds, cumulative, strict=True)), row[-1])
+        return family
 
 
 _F = TypeVar("_F", bound=_Family)
@@ -358,38 +391,24 @@ class MetricStore:
         for family in self._families.values():
             family._reset()
 
-    def render(self) -> str:
-        """The Prometheus text exposition (format 0.0.4) of every family."""
-        out: list[str] = []
+    def collect(self) -> Iterator[Metric]:
+        """Every family as prometheus_client metrics: the store is a custom collector."""
         for family in self._families.values():
-            family._render(out)
-        return "\n".join(out) + "\n" if out else ""
+            yield family._collect()
+
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The ``/metrics`` body and its Content-Type, in the format the scraper's Accept
+        header asks for (OpenMetrics, else the text format 0.0.4), written by the library."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(registry), content_type
 
 
-def _labels(names: Sequence[str], values: Sequence[str]) -> str:
-    if not names:
-        return ""
-    pairs = zip(names, values, strict=True)
-    return "{" + ",".join(f'{name}="{_escape_label(value)}"' for name, value in pairs) + "}"
-
-
-def _escape_label(value: str) -> str:
-    return str(value).replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", r"\\").replace("\n", r"\n")
-
-
-def _number(value: float, point: bool = False) -> str:
-    """Go-parsable float text; whole numbers without ``.0`` unless ``point`` (bucket bounds)."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if not point and float(value).is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
+LEADER_ONLY = (
+    " Read from the database, exported only by the node whose maintenance process holds the"
+    " leader lock, so a sum over nodes counts the database once."
+)
 
 
 @dataclass(frozen=True)
@@ -410,6 +429,8 @@ class JobqdMetrics:
     queue_oldest_job_age: Gauge  # queue
     leader: Gauge
     workers_busy: Gauge  # queue
+    workers_slots: Gauge  # queue
+    queue_wait: Histogram  # queue
     up: Gauge
 
 
@@ -456,12 +477,12 @@ def define_jobqd_metrics(store: MetricStore) -> JobqdMetrics:
         ),
         queue_jobs=store.gauge(
             "jobqd_queue_jobs",
-            "Jobs per queue and state, counted in the database.",
+            "Jobs per queue and state, counted in the database." + LEADER_ONLY,
             ("queue", "state"),
         ),
         queue_oldest_job_age=store.gauge(
             "jobqd_queue_oldest_job_age_seconds",
-            "How long the oldest due queued job has waited past its run_at.",
+            "How long the oldest due queued job has waited past its run_at." + LEADER_ONLY,
             ("queue",),
         ),
         leader=store.gauge(
@@ -470,14 +491,20 @@ def define_jobqd_metrics(store: MetricStore) -> JobqdMetrics:
         workers_busy=store.gauge(
             "jobqd_workers_busy", "Slots running a job in this node's workers.", ("queue",)
         ),
+        workers_slots=store.gauge(
+            "jobqd_workers_slots",
+            "Slots of this node's running workers (concurrency times processes): capacity.",
+            ("queue",),
+        ),
+        queue_wait=store.histogram(
+            "jobqd_job_queue_wait_seconds",
+            "Pickup latency: how long a job waited between becoming due and its claim "
+            "(database clock).",
+            ("queue",),
+            WAIT_BUCKETS,
+        ),
         up=store.gauge("jobqd_up", "1 while the jobqd master is running."),
     )
-
-
-_SAME_ON_EVERY_NODE = (
-    " Read from the database by each node's http child, so every node reports the same value:"
-    " aggregate with max by (database), never sum."
-)
 
 
 @dataclass(frozen=True)
@@ -501,44 +528,88 @@ def define_database_metrics(store: MetricStore) -> DatabaseMetrics:
             "jobqd_database_vacuum_holder_age_seconds",
             "How long the oldest transaction or snapshot holding back vacuum has been open; 0 "
             "when none, absent when its start is hidden from jobqd's role (grant "
-            "pg_read_all_stats) or unknown (a replication slot)." + _SAME_ON_EVERY_NODE,
+            "pg_read_all_stats) or unknown (a replication slot)." + LEADER_ONLY,
             ("database",),
         ),
         vacuum_holder_xid_age=store.gauge(
             "jobqd_database_vacuum_holder_xid_age",
             "Transactions the oldest holder of vacuum's horizon is behind (age of its xmin); "
-            "0 when none." + _SAME_ON_EVERY_NODE,
+            "0 when none." + LEADER_ONLY,
             ("database",),
         ),
         vacuum_holder=store.gauge(
             "jobqd_database_vacuum_holder",
             "1 for the holder of vacuum's horizon while it is over a database_health "
             "threshold, naming it (kind: session, prepared transaction or replication slot; "
-            "name: the transaction's gid or the slot's name)." + _SAME_ON_EVERY_NODE,
+            "name: the transaction's gid or the slot's name)." + LEADER_ONLY,
             ("database", "kind", "pid", "application_name", "name", "state"),
         ),
         dead_tuples=store.gauge(
             "jobqd_database_dead_tuples",
-            "Dead tuples in each of jobqd's tables (pg_stat_user_tables.n_dead_tup)."
-            + _SAME_ON_EVERY_NODE,
+            "Dead tuples in each of jobqd's tables (pg_stat_user_tables.n_dead_tup)." + LEADER_ONLY,
             table,
         ),
         live_tuples=store.gauge(
             "jobqd_database_live_tuples",
-            "Live tuples in each of jobqd's tables (pg_stat_user_tables.n_live_tup)."
-            + _SAME_ON_EVERY_NODE,
+            "Live tuples in each of jobqd's tables (pg_stat_user_tables.n_live_tup)." + LEADER_ONLY,
             table,
         ),
         last_vacuum=store.gauge(
             "jobqd_database_last_vacuum_timestamp_seconds",
             "When each of jobqd's tables was last vacuumed, by VACUUM or autovacuum (Unix "
-            "time; 0: never)." + _SAME_ON_EVERY_NODE,
+            "time; 0: never)." + LEADER_ONLY,
             table,
         ),
         health_warnings=store.gauge(
             "jobqd_database_health_warnings",
             "database_health thresholds exceeded now (each is a warning in jobqctl status)."
-            + _SAME_ON_EVERY_NODE,
+            + LEADER_ONLY,
             ("database",),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ProcessMetrics:
+    """Handles on what the http child measures of this node's processes at each scrape."""
+
+    build_info: Gauge  # version, python, psycopg, libpq
+    resident_memory: Gauge  # role, queue, index
+    cpu_seconds: Counter  # role, queue, index
+    start_time: Gauge  # role, queue, index
+    restarts: Counter  # role, queue, index
+
+
+def define_process_metrics(store: MetricStore) -> ProcessMetrics:
+    """Declare jobqd_build_info and the per-process jobqd_process_* families on ``store``."""
+    process = ("role", "queue", "index")
+    return ProcessMetrics(
+        build_info=store.gauge(
+            "jobqd_build_info",
+            "Always 1; the labels say which jobqd, Python, psycopg and libpq this node runs.",
+            ("version", "python", "psycopg", "libpq"),
+        ),
+        resident_memory=store.gauge(
+            "jobqd_process_resident_memory_bytes",
+            "Resident memory of each of this node's processes (the master, each child), as "
+            "max_memory compares it.",
+            process,
+        ),
+        cpu_seconds=store.counter(
+            "jobqd_process_cpu_seconds_total",
+            "User and system CPU time of each of this node's processes; starts again at 0 "
+            "when a child is replaced.",
+            process,
+        ),
+        start_time=store.gauge(
+            "jobqd_process_start_time_seconds",
+            "When each of this node's processes started (Unix time).",
+            process,
+        ),
+        restarts=store.counter(
+            "jobqd_process_restarts_total",
+            "Restarts after an unexpected exit of each child, by its role, queue and index "
+            "(jobqd_child_restarts_total is the sum by role).",
+            process,
         ),
     )

@@ -76,6 +76,7 @@ def status(
         "processes": listed,
         "leader": holder,
         "crash_loops": crash_loops(listed),
+        "rolls": rolls(listed),
         "unhandled": unhandled(conn, schema, unknown_task_window),
     }
 
@@ -110,6 +111,34 @@ def crash_loops(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     }
                 )
     return loops
+
+
+def rolls(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The masters whose roll is under way, or whose workers run code of two rolls (a roll
+    under way, or one that stopped): host, `master_pid`, `workers` (how many run each roll's
+    code, by roll number; 0 is the code the master started with) and, when the node has an
+    http child, the master's own account of its last roll (`roll`: number, state, replaced,
+    total, replacing, where, error; see jobqd.daemon.roll). Stale rows are left out."""
+    masters: dict[tuple[str, Any], dict[str, Any]] = {}
+    for row in found:
+        metadata = row.get("metadata") or {}
+        if row["stale"] or metadata.get("master_pid") is None:
+            continue
+        key = (row["host"], metadata["master_pid"])
+        entry = masters.setdefault(
+            key, {"host": key[0], "master_pid": key[1], "workers": {}, "roll": None}
+        )
+        if row["role"] == "worker":
+            generation = str(metadata.get("generation", 0))
+            entry["workers"][generation] = entry["workers"].get(generation, 0) + 1
+        elif row["role"] == "http" and isinstance(metadata.get("roll"), dict):
+            entry["roll"] = metadata["roll"]
+    shown = []
+    for entry in masters.values():
+        active = (entry["roll"] or {}).get("state") in ("checking", "rolling")
+        if active or len(entry["workers"]) > 1:
+            shown.append(entry)
+    return shown
 
 
 def queue_depth(

@@ -20,6 +20,7 @@ from jobqd.observe.metrics import JobqdMetrics
 from jobqd.store.sql import Queries, float_array, int_array, text_array
 from jobqd.tasks import Registry, registry
 from jobqd.worker.executor import QUEUED, SUCCEEDED, UNHANDLED, Outcome
+from jobqd.worker.joblog import JobLog
 
 log = logging.getLogger("jobqd.worker")
 
@@ -100,22 +101,29 @@ class Completer:
     trip with the next claim), then `record` once the results are in."""
 
     def __init__(
-        self, sql: Queries, queue: str, metrics: JobqdMetrics, registry: Registry = registry
+        self,
+        sql: Queries,
+        queue: str,
+        metrics: JobqdMetrics,
+        registry: Registry = registry,
+        joblog: JobLog | None = None,
     ) -> None:
         self.sql = sql
         self.queue = queue
         self.metrics = metrics
         self.registry = registry
+        self.joblog = joblog or JobLog()
 
     def send(self, conn: psycopg.Connection, batch: list[Outcome]) -> list[psycopg.Cursor]:
         return send_completions(conn, self.sql, batch)
 
     def record(self, batch: list[Outcome], cursors: list[psycopg.Cursor]) -> int:
-        """Read what was written and count it: one counter update per task, not per job. An
-        outcome not written had lost its lease; that is logged, as it should be rare. Returns
-        how many were written."""
+        """Read what was written, count it (one counter update per task, not per job) and log
+        each job's end (jobqd.worker.joblog). An outcome not written had lost its lease; that
+        is logged, as it should be rare. Returns how many were written."""
         ids = written(cursors)
         m, queue = self.metrics, self.queue
+        joblog, lines = self.joblog, self.joblog.wanted()
         tallies: dict[str, Counter[str]] = {}
         labels: dict[str, str] = {}  # job task -> metrics label, looked up once per batch
         for o in batch:
@@ -132,9 +140,13 @@ class Completer:
             tally = tallies.setdefault(task, Counter())
             if o.state == SUCCEEDED:
                 tally["succeeded"] += 1
-            elif not o.snooze and o.state != UNHANDLED:
+                if lines:
+                    joblog.ended(o, lines)
+                continue
+            if not o.snooze and o.state != UNHANDLED:
                 tally["failed"] += 1
                 tally["retried" if o.state == QUEUED else "dead"] += 1
+            joblog.ended(o, lines)
         counters = {
             "succeeded": m.jobs_succeeded,
             "failed": m.jobs_failed,

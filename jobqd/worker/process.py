@@ -46,8 +46,9 @@ from jobqd.store.connections import RoundTripWatchdog, connect, subscribe
 from jobqd.store.sql import int_array, queries
 from jobqd.tasks import Job, Registry, end_programs
 from jobqd.worker.completer import Completer
-from jobqd.worker.executor import QUEUED, Executor, Policy, claimed_job
+from jobqd.worker.executor import QUEUED, Executor, Policy, claimed_job, queue_waits
 from jobqd.worker.inflight import LEASE_LOST, InFlight
+from jobqd.worker.joblog import JobLog
 from jobqd.worker.leases import LocalLeases
 from jobqd.worker.outage import UNREACHABLE, Outage
 
@@ -84,6 +85,7 @@ class WorkerConfig:
     completion_batch: int
     completion_interval: float
     events: bool | None
+    log_jobs: bool
     shutdown_timeout: float
     statement_timeout: float
     # (process id, how it died) of this queue's workers the master saw die
@@ -134,6 +136,7 @@ class WorkerConfig:
             completion_batch=q.completion_batch,
             completion_interval=q.completion_interval,
             events=q.events,
+            log_jobs=q.log_jobs,
             shutdown_timeout=settings.shutdown_timeout,
             statement_timeout=settings.database.statement_timeout,
             index=index,
@@ -181,7 +184,8 @@ class Worker(ChildProcess):
         self.metric_store = MetricStore()
         self.metrics = define_jobqd_metrics(self.metric_store)
         self.inflight = InFlight(config.concurrency)
-        self.completer = Completer(self.sql, config.queue, self.metrics, registry)
+        self.joblog = JobLog(config.log_jobs)
+        self.completer = Completer(self.sql, config.queue, self.metrics, registry, self.joblog)
         self._ready: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
 
         self._exit_code = 0
@@ -335,6 +339,7 @@ class Worker(ChildProcess):
             self._close()
             log.info("worker stopped before it could start", extra=self.fields())
             return self._exit_code
+        self._set_title()  # a booted worker's title shows its slots: ps tells it from a booting one
         self.send_booted()
         log.info(
             "worker started: %d slots, lease %.0fs",
@@ -434,9 +439,13 @@ class Worker(ChildProcess):
         self._next_poll = now
         next_status = now
         next_listen_retry = now + _RECONNECT_PAUSE
+        said_draining = False
         while True:
             now = time.monotonic()
             self.master_gone()
+            if self.stopping is not Stopping.NO and not said_draining:
+                said_draining = True
+                self._set_title()
             if self.stopping is Stopping.FAST or (
                 self.stopping is Stopping.DRAIN and now >= self._drain_deadline
             ):
@@ -580,8 +589,10 @@ class Worker(ChildProcess):
         for job in jobs:
             claimed[job.task] += 1
             self._ready.put(job)
+        self.joblog.started(jobs)
         for task, n in claimed.items():
             self.metrics.jobs_started.inc(queue, self.registry.metric_label(task), amount=n)
+        self.metrics.queue_wait.observe_many(queue_waits(rows), queue)
 
     def _slot(self) -> None:
         while True:
@@ -700,14 +711,17 @@ class Worker(ChildProcess):
     # -- reporting ------------------------------------------------------------------------
 
     def _set_title(self) -> None:
+        """`worker emails#0 3/8`, and ` draining` once it claims no more (a stop, a roll)."""
+        draining = " draining" if self.stopping is not Stopping.NO else ""
         self.on_title(
             f"worker {self.config.queue}#{self.config.index} "
-            f"{self.inflight.busy}/{self.config.concurrency}"
+            f"{self.inflight.busy}/{self.config.concurrency}{draining}"
         )
 
     def _report_status(self) -> None:
         busy = self.inflight.busy
         self.metrics.workers_busy.set(busy, self.config.queue)
+        self.metrics.workers_slots.set(self.config.concurrency, self.config.queue)
         if self.sender is not None:
             self.send(
                 Status(

@@ -40,3 +40,22 @@ def jobqd(tmp_path: Path, ledger: str) -> Iterator[Callable[..., Daemon]]:
     for daemon in started:
         daemon.stop()
         print(f"--- daemon log (last lines) ---\n{daemon.tail()}")
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, ledger: str) -> Iterator[Callable[[dict[str, Any]], Daemon]]:
+    """`nodes(config)` starts a daemon in a directory of its own: several can share a database."""
+    started: list[Daemon] = []
+
+    def start(config: dict[str, Any]) -> Daemon:
+        home = tmp_path / f"node{len(started)}"
+        home.mkdir()
+        daemon = Daemon(home, ledger, daemon_env(ledger, home))
+        daemon.write_config(config)
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+        print(f"--- {daemon.dir.name} log (last lines) ---\n{daemon.tail()}")

@@ -18,6 +18,7 @@ import psycopg
 from e2e_daemon import base_config, enqueue, states
 from faults import free_port, get_json
 from helpers import wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 POISON_MODULE = """
 import os
@@ -90,7 +91,13 @@ def test_a_poison_job_ends_dead_naming_the_exit_and_the_crash_loop_shows(jobqd, 
     assert code == 503 and "crash-looping: worker default#0" in body["error"], body
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         metrics = response.read().decode()
-    assert 'jobqd_child_crash_looping{role="worker",queue="default"} 1' in metrics
+    looping_gauge = {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "jobqd_child_crash_looping"
+    }
+    assert looping_gauge[(("queue", "default"), ("role", "worker"))] == 1
     text = subprocess.run(
         [sys.executable, "-m", "jobqd.cli.ctl", "--dsn", ledger, "status"],
         capture_output=True,

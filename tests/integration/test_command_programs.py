@@ -3,6 +3,7 @@ stops its whole group, end_programs stops whatever is running, a missing program
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from pathlib import Path
@@ -77,3 +78,21 @@ def test_a_missing_program_is_a_failure_that_names_it(tmp_path):
     spec = command_task("cmd", settings((str(tmp_path / "nothing-here"),)), grace=1)
     with pytest.raises(CommandFailed, match=r"exited with status 127: cannot run .*nothing-here"):
         spec.fn(job({}))
+
+
+def test_a_program_gets_back_the_signals_its_worker_ignores(tmp_path):
+    """A worker ignores INT, HUP and USR2 (its master coordinates them); its programs do not."""
+    ignored = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+    before = {signum: signal.signal(signum, signal.SIG_IGN) for signum in ignored}
+    try:
+        spec = command_task(
+            "cmd",
+            settings(("sh", "-c", f"grep SigIgn /proc/self/status > {tmp_path}/mask")),
+            grace=1,
+        )
+        spec.fn(job({}))
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    mask = int((tmp_path / "mask").read_text().split()[1], 16)
+    assert [s.name for s in ignored if mask & (1 << (s - 1))] == []

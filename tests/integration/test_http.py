@@ -18,6 +18,8 @@ import psycopg
 import pytest
 from faults import cluster, cluster_unavailable, free_port
 from helpers import scalar, wait_for
+from leaders import leader_pid
+from leaders import start as start_maintenance
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobqd import Client
@@ -36,7 +38,7 @@ sys.exit(http.serve(settings, settings.database.url, feed_fd=int(sys.argv[2])))
 """
 
 
-def health(booted: bool = True) -> dict:
+def health(booted: bool = True, maintenance_pid: int | None = None) -> dict:
     return {
         "kind": "health",
         "master_alive_at": time.time(),
@@ -45,7 +47,12 @@ def health(booted: bool = True) -> dict:
         "status": "test",
         "children": {
             "worker default#0": {"role": "worker", "booted": booted, "crash_looping": False},
-            "maintenance": {"role": "maintenance", "booted": True, "crash_looping": False},
+            "maintenance": {
+                "role": "maintenance",
+                "booted": True,
+                "crash_looping": False,
+                "pid": maintenance_pid,
+            },
             "http": {"role": "http", "booted": False, "crash_looping": False},
         },
     }
@@ -71,6 +78,7 @@ class HttpChild:
         )
         os.close(read)
         self.booted = True
+        self.maintenance_pid: int | None = None  # the node's leader candidate, for /metrics
         self._feeding = threading.Event()
         self._feeder: threading.Thread | None = None
         wait_for(self._listening, timeout=15, what="the http child to listen")
@@ -91,7 +99,7 @@ class HttpChild:
 
         def run() -> None:
             while self._feeding.is_set():
-                messages = [health(self.booted)]
+                messages = [health(self.booted, self.maintenance_pid)]
                 if snapshot is not None:
                     messages.insert(0, {"kind": "metrics", "snapshot": snapshot})
                 self.send(*messages)
@@ -165,7 +173,7 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
     return found
 
 
-def test_metrics_health_and_exit_on_eof(children, dsn):
+def test_metrics_health_and_exit_on_eof(children, dsn, procs):
     store = MetricStore()
     metrics = define_jobqd_metrics(store)
     metrics.jobs_succeeded.inc("default", "t", amount=7)
@@ -184,6 +192,17 @@ def test_metrics_health_and_exit_on_eof(children, dsn):
     assert status == 200
     found = samples(text)
     assert found[("jobqd_jobs_succeeded_total", (("queue", "default"), ("task", "t")))] == 7
+    assert found[("jobqd_database_up", ())] == 1
+    # No maintenance child of this node holds the leader lock: no database-wide gauges.
+    assert found[("jobqd_leader", ())] == 0
+    assert not any(name == "jobqd_queue_jobs" for name, _ in found)
+
+    start_maintenance(procs, dsn)
+    child.maintenance_pid = wait_for(lambda: leader_pid(dsn), timeout=30, what="a leader")
+    found = wait_for(
+        lambda: (f := samples(child.call("/metrics")[1]))[("jobqd_leader", ())] == 1 and f,
+        what="/metrics to see this node lead",
+    )
     assert found[("jobqd_queue_jobs", (("queue", "default"), ("state", "queued")))] == 4
     assert found[("jobqd_queue_jobs", (("queue", "idle"), ("state", "queued")))] == 0
     assert found[("jobqd_job_duration_seconds_count", (("queue", "default"), ("task", "t")))] == 2

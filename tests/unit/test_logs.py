@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import re
+import socket
 
 import pytest
 
@@ -106,15 +107,63 @@ def test_pid_and_role_are_read_after_fork():
 def test_text_format():
     out = io.StringIO()
     logs.setup_logging("text", role="worker", stream=out)
-    logging.getLogger("t").info("hello", extra={"job_id": 7, "error": 'bad "thing"', "task": ""})
+    logging.getLogger("t").info("hello", extra={"error": 'bad "thing"', "note": ""})
 
     (line,) = _lines(out)
     pattern = (
         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO  worker\[(\d+)\] hello "
-        r'job_id=7 error="bad \\"thing\\"" task=""'
+        r'error="bad \\"thing\\"" note=""'
     )
     match = re.fullmatch(pattern, line)
     assert match and int(match.group(1)) == os.getpid()
+
+
+def _after_level(line: str) -> str:
+    return re.sub(r"^\S+ \S+ \S+\s+", "", line)
+
+
+def test_text_names_the_process_and_says_the_job_in_words():
+    out = io.StringIO()
+    logs.setup_logging("text", role="worker", stream=out, name="worker emails#1")
+    job = {"job_id": 42, "queue": "emails", "task": "send_welcome", "attempt": 2}
+    log = logging.getLogger("jobqd.jobs")
+    log.info("succeeded in 12ms", extra={**job, "event": "job_ended", "duration": 0.012})
+    with logs.log_context(**job):
+        log.warning("from the task", extra={"queue": "emails", "index": 1})
+
+    first, second = (_after_level(line) for line in _lines(out))
+    assert first.startswith("worker emails#1[")
+    assert first.endswith("] job 42 send_welcome on emails, attempt 2: succeeded in 12ms")
+    assert second.endswith("] job 42 send_welcome on emails, attempt 2: from the task")
+
+
+def test_text_leaves_out_what_the_line_already_says():
+    out = io.StringIO()
+    logs.setup_logging("text", role="master", stream=out)
+    child = {"child": "worker emails#0", "child_role": "worker", "child_pid": 4321}
+    log = logging.getLogger("jobqd.master")
+    log.info("started worker emails#0", extra={**child, "queue": "emails"})
+    changes = {"replaced": ["worker emails#0", "worker emails#1"], "started": [], "retired": []}
+    log.info("reloaded: 2 replaced", extra=changes)
+    log.info("worker emails#0 exited: exit status 1", extra={**child, "exit_status": 1})
+
+    started, reloaded, exited = (_after_level(line) for line in _lines(out))
+    assert started.endswith("] started worker emails#0 pid=4321")
+    assert exited.endswith("] worker emails#0 exited: exit status 1 pid=4321")
+    assert reloaded.endswith('] reloaded: 2 replaced replaced="worker emails#0, worker emails#1"')
+
+
+def test_json_keeps_every_field_and_the_host():
+    out = io.StringIO()
+    logs.setup_logging("json", role="master", stream=out, name="master")
+    child = {"child": "worker emails#0", "child_role": "worker", "child_pid": 4321}
+    logging.getLogger("jobqd.master").info("started", extra={**child, "replaced": ["a", "b"]})
+
+    (line,) = _lines(out)
+    record = json.loads(line)
+    assert record["host"] == socket.gethostname()
+    assert {key: record[key] for key in child} == child
+    assert record["replaced"] == ["a", "b"]
 
 
 def test_text_includes_traceback():

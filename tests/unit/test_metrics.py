@@ -2,6 +2,9 @@ import json
 import threading
 
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobqd.observe.metrics import (
@@ -19,6 +22,12 @@ def _process() -> tuple[MetricStore, JobqdMetrics]:
 
 def _via_pipe(delta: dict) -> dict:
     return json.loads(json.dumps(delta))
+
+
+def _text(store: MetricStore) -> str:
+    body, content_type = store.exposition()
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    return body.decode()
 
 
 def _samples(text: str) -> dict[tuple, float]:
@@ -50,7 +59,7 @@ def test_master_adds_up_two_children():
     a.jobs_started.inc("emails", "send_welcome")
     master.merge(_via_pipe(child_a.snapshot_delta()), source="a")
 
-    samples = _samples(master.render())
+    samples = _samples(_text(master))
     started = "jobqd_jobs_started_total"
     assert samples[(started, (("queue", "emails"), ("task", "send_welcome")))] == 6
     assert samples[(started, (("queue", "default"), ("task", "report")))] == 1
@@ -77,10 +86,10 @@ def test_gauges_sum_across_children_and_are_forgotten():
     a.workers_busy.inc("emails", amount=-1)
     master.merge(_via_pipe(child_a.snapshot_delta()), source="emails#0")
     key = ("jobqd_workers_busy", (("queue", "emails"),))
-    assert _samples(master.render())[key] == 4
+    assert _samples(_text(master))[key] == 4
 
     master.forget("emails#1")
-    assert _samples(master.render())[key] == 2
+    assert _samples(_text(master))[key] == 2
     assert child_a.snapshot_delta() == {}
 
 
@@ -89,7 +98,7 @@ def test_gauge_without_source_is_last_write_wins():
     master.merge({"jobqd_queue_jobs": [[["emails", "queued"], 10]]})
     master.merge({"jobqd_queue_jobs": [[["emails", "queued"], 7]]})
     m.up.set(1)
-    samples = _samples(master.render())
+    samples = _samples(_text(master))
     assert samples[("jobqd_queue_jobs", (("queue", "emails"), ("state", "queued")))] == 7
     assert samples[("jobqd_up", ())] == 1
 
@@ -105,7 +114,7 @@ def test_histogram_buckets_are_cumulative_after_merge():
     master.merge(_via_pipe(child_a.snapshot_delta()), source="a")
     master.merge(_via_pipe(child_b.snapshot_delta()), source="b")
 
-    samples = _samples(master.render())
+    samples = _samples(_text(master))
     labels = (("queue", "emails"), ("task", "send"))
 
     def bucket(le: str) -> float:
@@ -127,7 +136,7 @@ def test_label_values_are_escaped():
     store, m = _process()
     nasty = 'a"b\\c\nd'
     m.jobs_dead.inc(nasty, "t")
-    text = store.render()
+    text = _text(store)
     assert 'queue="a\\"b\\\\c\\nd"' in text
     assert _samples(text)[("jobqd_jobs_dead_total", (("queue", nasty), ("task", "t")))] == 1
 
@@ -135,7 +144,7 @@ def test_label_values_are_escaped():
 def test_render_is_valid_exposition():
     store, m = _process()
     m.cron_fires.inc("nightly-report")
-    text = store.render()
+    text = _text(store)
 
     assert text.endswith("\n") and "\n\n" not in text
     assert "# TYPE jobqd_jobs_started_total counter" in text
@@ -155,11 +164,46 @@ def test_render_is_valid_exposition():
         "jobqd_queue_oldest_job_age_seconds": "gauge",
         "jobqd_leader": "gauge",
         "jobqd_workers_busy": "gauge",
+        "jobqd_workers_slots": "gauge",
+        "jobqd_job_queue_wait_seconds": "histogram",
         "jobqd_up": "gauge",
     }
     samples = _samples(text)
     assert samples[("jobqd_cron_fires_total", (("entry", "nightly-report"),))] == 1
     assert samples[("jobqd_leader", ())] == 0
+
+
+def test_openmetrics_when_the_scraper_asks_for_it():
+    store, m = _process()
+    m.jobs_started.inc("q", "t", amount=3)
+    m.up.set(1)
+    accept = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3"
+    body, content_type = store.exposition(accept)
+    text = body.decode()
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert text.endswith("# EOF\n")
+    assert "# TYPE jobqd_jobs_started counter" in text
+    assert 'jobqd_jobs_started_total{queue="q",task="t"} 3.0' in text
+    parsed = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in openmetrics_families(text)
+        for s in family.samples
+    }
+    assert parsed[("jobqd_jobs_started_total", (("queue", "q"), ("task", "t")))] == 3
+    assert parsed[("jobqd_up", ())] == 1
+
+
+def test_observe_many_counts_a_batch_like_single_observations():
+    one, a = _process()
+    many, b = _process()
+    waits = [0.001, 0.3, 0.3, 42.0, 7200.0]
+    for wait in waits:
+        a.queue_wait.observe(wait, "q")
+    b.queue_wait.observe_many(waits, "q")
+    b.queue_wait.observe_many([], "q")
+    assert one.snapshot_delta() == many.snapshot_delta()
+    with pytest.raises(ValueError):
+        b.queue_wait.observe_many(waits)
 
 
 def test_snapshot_reproduces_totals_in_a_fresh_registry():
@@ -172,7 +216,7 @@ def test_snapshot_reproduces_totals_in_a_fresh_registry():
 
     http, _ = _process()
     http.merge(_via_pipe(master.snapshot()))
-    assert http.render() == master.render()
+    assert _text(http) == _text(master)
     assert master.snapshot() == master.snapshot()
 
 
@@ -182,7 +226,7 @@ def test_reset_zeroes_values():
     m.workers_busy.set(1, "q")
     store.reset()
     assert store.snapshot_delta() == {}
-    assert "jobqd_jobs_started_total{" not in store.render()
+    assert "jobqd_jobs_started_total{" not in _text(store)
 
 
 def test_malformed_delta_is_skipped_not_raised(caplog):
@@ -195,7 +239,7 @@ def test_malformed_delta_is_skipped_not_raised(caplog):
             "jobqd_cron_fires_total": [[["ok"], 2]],
         }
     )
-    samples = _samples(master.render())
+    samples = _samples(_text(master))
     assert samples[("jobqd_cron_fires_total", (("entry", "ok"),))] == 2
     assert not any(name.startswith("jobqd_jobs_started") for name, _ in samples)
     assert not any(name.startswith("jobqd_job_duration") for name, _ in samples)
@@ -241,6 +285,18 @@ def test_concurrent_increments_are_not_lost():
         thread.start()
     for thread in threads:
         thread.join()
-    samples = _samples(store.render())
+    samples = _samples(_text(store))
     assert samples[("jobqd_jobs_started_total", (("queue", "q"), ("task", "t")))] == 80_000
     assert samples[("jobqd_job_duration_seconds_count", (("queue", "q"), ("task", "t")))] == 80_000
+
+
+def test_queue_waits_count_first_attempts_on_the_database_clock():
+    from jobqd.worker.executor import queue_waits
+
+    # id, task, args, attempt, max_attempts, token, created_at, started_at (epoch seconds)
+    rows = [
+        (1, "t", "{}", 1, None, 11, 100.0, 100.25),
+        (2, "t", "{}", 3, None, 12, 50.0, 100.25),  # a retry: created attempts ago, left out
+        (3, "t", "{}", 1, None, 13, 100.5, 100.25),  # claimed in a transaction begun earlier
+    ]
+    assert queue_waits(rows) == [0.25, 0.0]

@@ -15,6 +15,7 @@ import pytest
 from jobqd import config
 from jobqd.config.settings import parse
 from jobqd.daemon import report, supervisor
+from jobqd.daemon import roll as roll_module
 from jobqd.daemon.children import (
     CRASH_LOOP_AFTER,
     LEADER_SILENCE,
@@ -705,6 +706,7 @@ def test_health_has_one_entry_per_spec_and_none_pid_while_waiting():
     assert a0 == {
         "role": "worker",
         "queue": "a",
+        "index": 0,
         "pid": 100,
         "booted": True,
         "started_at": kids[0].started_wall,
@@ -716,6 +718,7 @@ def test_health_has_one_entry_per_spec_and_none_pid_while_waiting():
         "crash_loop": None,
         "last_exit": None,
     }
+    assert a1["index"] == 1
     assert a1["pid"] is None and a1["busy"] == 0 and a1["restarts"] == 4 and a1["crash_looping"]
     assert m["leader"] is True and m["booted"] is False
 
@@ -749,6 +752,21 @@ def test_prepare_waits_with_backoff_and_says_why_until_the_database_answers():
     assert all(m["state"].startswith("waiting for the database: cannot connect") for m in said)
 
 
+def crash_looping(master, role: str, queue: str) -> float:
+    """The master's jobqd_child_crash_looping sample for (role, queue)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = master.metric_store.exposition()[0].decode()
+    [value] = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "jobqd_child_crash_looping"
+        and sample.labels == {"role": role, "queue": queue}
+    ]
+    return value
+
+
 def test_deaths_after_boot_in_the_window_are_a_crash_loop_that_ages_out(master, processes, clock):
     from jobqd.daemon.children import CRASH_LOOP_WINDOW
 
@@ -761,7 +779,7 @@ def test_deaths_after_boot_in_the_window_are_a_crash_loop_that_ages_out(master, 
     restarts = master.restarts[worker.spec.ident]
     assert restarts.crash_looping and restarts.last_exit == "exit status 1"
     master._check_crash_loops(clock.now)
-    assert 'jobqd_child_crash_looping{role="worker",queue="a"} 1' in master.metric_store.render()
+    assert crash_looping(master, "worker", "a") == 1
     health = master.health()["children"]["worker a#0"]
     assert health["crash_looping"] and "after it had booted" in health["crash_loop"]
 
@@ -770,7 +788,7 @@ def test_deaths_after_boot_in_the_window_are_a_crash_loop_that_ages_out(master, 
     clock.advance(CRASH_LOOP_WINDOW)
     master._check_crash_loops(clock.now)
     assert not restarts.crash_looping
-    assert 'jobqd_child_crash_looping{role="worker",queue="a"} 0' in master.metric_store.render()
+    assert crash_looping(master, "worker", "a") == 0
 
 
 def test_a_worker_killed_for_silence_hands_on_that_reason(master, processes, clock):
@@ -809,3 +827,274 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- rolling (USR2) -------------------------------------------------------------------------
+
+ROLL_BASE = BASE.replace("a: {processes: 1, concurrency: 4}", "a: {processes: 2, concurrency: 4}")
+
+
+@pytest.fixture
+def titles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The master's process titles, recorded instead of set."""
+    seen: list[str] = []
+    monkeypatch.setattr(supervisor, "set_title", seen.append)
+    return seen
+
+
+@pytest.fixture
+def rolling(config_path, clock, processes, titles):
+    """A master with queue a on two processes and b on one, every child booted."""
+    config_path.write_text(ROLL_BASE)
+    made = Supervisor(config.load(config_path), config_path=str(config_path), migrate=False)
+    made.database_ready()
+    made._converge(clock.now)
+    for c in made.children.values():
+        boot(made, c)
+    yield made
+    for c in made.children.values():
+        c.close()
+    made.selector.close()
+    os.close(made._wake_r)
+    os.close(made._wake_w)
+
+
+def roll(master: Supervisor, *, errors: list[str] | None = None, version: str | None = "") -> None:
+    """SIGUSR2, its config check played as reporting `errors` with the installed `version`
+    (the master's own unless given), then one loop turn."""
+    os.write(master._wake_w, bytes([signal.SIGUSR2]))
+    master._handle_signals()
+    checker = master._checker
+    assert checker is not None
+    found = master.version if version == "" else version
+    checker.messages.append(
+        {"kind": "verdict", "errors": errors or [], "warnings": [], "version": found}
+    )
+    del master.helpers[checker.pid]
+    master._helper_exited(checker, exited(0))
+    master._turn(supervisor.time.monotonic())
+
+
+def serving(master: Supervisor, name: str) -> list[Child]:
+    """The children of spec `name` not being stopped, oldest first."""
+    found = [c for c in master.children.values() if c.spec.name == name]
+    return sorted((c for c in found if c.stopping_since is None), key=lambda c: c.pid)
+
+
+def booting(master: Supervisor) -> list[Child]:
+    return [c for c in master.children.values() if c.replaces is not None]
+
+
+def test_batch_size_is_a_quarter_of_a_queues_processes_and_at_least_one():
+    assert [roll_module.batch_size(n) for n in (1, 2, 4, 5, 8, 9)] == [1, 1, 1, 2, 2, 3]
+
+
+def test_plan_roll_goes_queue_by_queue_in_batches_and_only_through_the_given_workers():
+    specs = specs_for(settings(BASE.replace("a: {processes: 1,", "a: {processes: 8,")))
+    every = [s.ident for s in specs]
+    steps = roll_module.plan_roll(specs, every)
+    names = [[roll_module.ident_name(i) for i in step] for step in steps]
+    assert names == [
+        ["worker a#0", "worker a#1"],
+        ["worker a#2", "worker a#3"],
+        ["worker a#4", "worker a#5"],
+        ["worker a#6", "worker a#7"],
+        ["worker b#0"],
+    ]
+    some = [i for i in every if i[2] in (1, 2, 7) and i[1] == "a"]
+    assert roll_module.plan_roll(specs, some) == [some[:2], some[2:]]
+    assert roll_module.plan_roll(specs, []) == []
+
+
+def test_usr2_replaces_each_worker_beside_itself_and_drains_the_old_once_it_booted(
+    rolling, processes, clock, titles
+):
+    master = rolling
+    (a0,), (a1,), (b0,) = (serving(master, n) for n in ("worker a#0", "worker a#1", "worker b#0"))
+    maintenance = serving(master, "maintenance")[0]
+    roll(master)
+    assert titles[-1] == "master roll 1 rolling 0/3 worker a#0"
+    (new,) = booting(master)
+    assert new.spec.name == "worker a#0" and new.replaces == a0.pid and new.generation == 1
+    assert processes.signals == []  # nothing drains before its replacement has booted
+    assert "; roll 1 rolling 0/3 worker a#0" in master.status_line()
+    assert master.status_line().startswith("3 workers, ")  # the replacement is not counted yet
+
+    clock.advance(1)
+    boot(master, new)
+    master._turn(clock.now)
+    assert processes.sent(a0.pid) == [TERM] and a0.quit_at == clock.now + 3.0
+    (second,) = booting(master)
+    assert second.spec.name == "worker a#1" and processes.sent(a1.pid) == []
+    boot(master, second)
+    master._turn(clock.now)
+    (third,) = booting(master)
+    assert third.spec.name == "worker b#0" and processes.sent(a1.pid) == [TERM]
+    boot(master, third)
+    master._turn(clock.now)
+
+    assert processes.sent(b0.pid) == [TERM] and booting(master) == []
+    assert processes.sent(maintenance.pid) == []  # it runs no task code: not replaced
+    assert master.roll.state == "done" and master.roll.replaced == 3
+    assert titles[-1] == "master roll 1 done 3/3"
+    assert "roll" not in master.status_line()
+    assert master.health()["roll"]["state"] == "done"
+    workers = [c for c in master.children.values() if c.stopping_since is None]
+    assert {c.generation for c in workers if c.spec.kind == WORKER} == {1}
+
+    for old in (a0, a1, b0):  # the old ones drain and exit: none is restarted
+        processes.exit(old.pid, exited(0))
+    master._reap()
+    master._turn(clock.now)
+    assert len(master.children) == 4 and sum(r.total for r in master.restarts.values()) == 0
+
+
+def test_a_replacement_that_exits_before_booting_stops_the_roll_and_keeps_the_old_workers(
+    rolling, processes, clock, titles, caplog
+):
+    master = rolling
+    olds = {c.pid for c in master.children.values()}
+    roll(master)
+    (new,) = booting(master)
+    processes.exit(new.pid, exited(1))
+    master._reap()
+    master._turn(clock.now)
+
+    assert master.roll.state == "failed" and master.roll.where == "worker a#0"
+    assert processes.signals == [] and {c.pid for c in master.children.values()} == olds
+    assert titles[-1] == "master roll 1 failed 0/3 worker a#0"
+    assert master.status_line().endswith("; roll 1 failed 0/3 worker a#0")
+    assert (
+        "roll 1 stopped: the replacement for worker a#0 exited before it booted: exit status 1"
+        in caplog.text
+    )
+    assert "worker a#0 and the 2 other worker(s) not yet replaced keep running" in caplog.text
+    clock.advance(120)  # no restart of anything, no further replacement
+    master._turn(clock.now)
+    assert {c.pid for c in master.children.values()} == olds
+    assert sum(r.total for r in master.restarts.values()) == 0
+    assert master.health()["roll"]["error"].startswith("the replacement for worker a#0 exited")
+
+    roll(master)  # fixed: the next roll starts over with every worker still on old code
+    assert master.roll.number == 2 and master.roll.total == 3
+    assert booting(master)[0].spec.name == "worker a#0"
+
+
+def test_a_replacement_that_does_not_boot_in_time_is_stopped_and_the_roll_fails(
+    rolling, processes, clock
+):
+    master = rolling
+    roll(master)
+    (new,) = booting(master)
+    clock.advance(roll_module.BOOT_TIMEOUT - 1)
+    master._turn(clock.now)
+    assert master.roll.state == "rolling" and processes.signals == []
+    clock.advance(1)
+    master._turn(clock.now)
+    assert master.roll.state == "failed"
+    assert master.roll.error == "the replacement for worker a#0 did not boot within 60s"
+    assert processes.signals == [(new.pid, TERM)]
+    processes.exit(new.pid, exited(0))
+    master._reap()
+    master._turn(clock.now)
+    assert [c.spec.name for c in serving(master, "worker a#0")] == ["worker a#0"]
+
+
+def test_a_roll_whose_check_fails_changes_nothing(rolling, processes, titles, caplog):
+    master = rolling
+    before = dict(master.children)
+    roll(master, errors=["imports[0]: cannot import 'tasks': SyntaxError"])
+    assert master.children == before and processes.signals == []
+    assert master.roll.state == "failed" and master.roll.where == "config"
+    assert titles[-1] == "master roll 1 failed 0/0 config"
+    assert "reload: imports[0]: cannot import 'tasks'" in caplog.text
+
+
+def test_a_roll_refuses_a_jobqd_that_changed_on_disk(rolling, processes, titles, caplog):
+    master = rolling
+    before = dict(master.children)
+    roll(master, version="99.0")
+    assert master.children == before and processes.signals == []
+    assert master.roll.where == "version" and "restart the daemon" in caplog.text
+
+
+def test_usr2_during_a_roll_is_ignored(rolling, processes, caplog):
+    master = rolling
+    roll(master)
+    os.write(master._wake_w, bytes([signal.SIGUSR2]))
+    master._handle_signals()
+    assert master._checker is None and master.roll.number == 1
+    assert "roll 1 is still under way (rolling 0/3 worker a#0): SIGUSR2 ignored" in caplog.text
+
+
+def test_a_roll_with_changed_queue_settings_replaces_those_workers_in_their_turn(
+    rolling, processes, clock, config_path
+):
+    master = rolling
+    (b0,) = serving(master, "worker b#0")
+    maintenance = serving(master, "maintenance")[0]
+    config_path.write_text(ROLL_BASE.replace("concurrency: 2}", "concurrency: 5, lease: 40s}"))
+    roll(master)
+    assert processes.sent(b0.pid) == []  # not stopped by the reload: the roll replaces it
+    assert processes.sent(maintenance.pid) == [TERM]  # sees the queues: replaced as by HUP
+    for _ in range(2):
+        boot(master, booting(master)[0])
+        master._turn(clock.now)
+    (new_b0,) = booting(master)
+    assert new_b0.spec.name == "worker b#0" and new_b0.concurrency == 5
+    assert processes.sent(b0.pid) == []
+    boot(master, new_b0)
+    master._turn(clock.now)
+    assert processes.sent(b0.pid) == [TERM] and master.roll.state == "done"
+
+
+def test_an_old_worker_that_dies_during_the_roll_is_not_restarted_beside_its_replacement(
+    rolling, processes, clock
+):
+    master = rolling
+    (a0,) = serving(master, "worker a#0")
+    roll(master)
+    (new,) = booting(master)
+    processes.exit(a0.pid, exited(1))
+    master._reap()
+    clock.advance(5)  # past its restart delay
+    master._turn(clock.now)
+    assert serving(master, "worker a#0") == [new]
+    boot(master, new)
+    master._turn(clock.now)
+    assert master.roll.replaced == 1 and booting(master)[0].spec.name == "worker a#1"
+
+
+def test_term_during_a_roll_ends_it_and_drains_every_child(rolling, processes, titles):
+    master = rolling
+    roll(master)
+    (new,) = booting(master)
+    os.write(master._wake_w, bytes([TERM]))
+    master._handle_signals()
+    assert master.roll.state == "failed" and master.roll.where == "stopping"
+    assert TERM in processes.sent(new.pid)
+
+
+def test_the_title_of_each_roll_state_reads_back():
+    r = roll_module.Roll(4, started_at=0.0)
+    states = [r.title()]
+    r.begin([[("worker", "a", 0)], [("worker", "b", 0)]])
+    r.replacing[("worker", "a", 0)] = roll_module.Replacement(1, 2, 0.0)
+    states.append(r.title())
+    r.replacing.clear()
+    r.replaced = 1
+    r.fail("worker b#0", "it exited", 1.0)
+    states.append(r.title())
+    assert states == [
+        "master roll 4 checking",
+        "master roll 4 rolling 0/2 worker a#0",
+        "master roll 4 failed 1/2 worker b#0",
+    ]
+    parsed = [roll_module.parse_title("jobqd: " + t) for t in states]
+    assert [(p.number, p.state, p.replaced, p.total, p.where) for p in parsed] == [
+        (4, "checking", 0, 0, ""),
+        (4, "rolling", 0, 2, "worker a#0"),
+        (4, "failed", 1, 2, "worker b#0"),
+    ]
+    assert roll_module.parse_title("jobqd: master") == roll_module.TitleState()
+    assert roll_module.parse_title("jobqd: worker a#0 0/4") is None
