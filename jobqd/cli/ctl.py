@@ -11,6 +11,7 @@ import argparse
 import getpass
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -1015,6 +1016,54 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dashboard(ctx: Context, args: argparse.Namespace) -> int:
+    from jobqd.config.settings import DashboardAuthSettings
+    from jobqd.http import dashboard as web
+    from jobqd.http.dashboard import standalone
+    from jobqd.http.server import Sessions
+
+    host, _, port = args.listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        _usage(f"--listen takes HOST:PORT like 127.0.0.1:8080, got {args.listen!r}")
+    if args.token_env:
+        auth = DashboardAuthSettings(token_env=args.token_env)
+    else:
+        auth = ctx.settings.http.dashboard_auth if ctx.settings else None
+    admin.processes(ctx.conn, ctx.schema)  # unreachable or unmigrated: say so now, not later
+    sessions = Sessions(ctx.dsn, application_name="jobqctl")
+    try:
+        dashboard = web.build(ctx.schema, ctx.settings, sessions.session, auth)
+    except JobqdError as exc:
+        raise CtlError(EXIT_FAILURE, str(exc)) from None
+    if dashboard.auth.missing:
+        _usage(f"{dashboard.auth.missing} is not set: export it first, or leave out the auth")
+    if not dashboard.auth.required and host not in ("127.0.0.1", "::1", "localhost"):
+        ctx.note(
+            f"warning: anyone who reaches {host} can read every job's args and errors "
+            "(no sign-in); pass --token-env VAR to require one"
+        )
+    try:
+        server = standalone.make_server(dashboard, host, int(port))
+    except OSError as exc:
+        raise CtlError(
+            EXIT_FAILURE,
+            f"cannot listen on {args.listen}: {exc.strerror or exc}; pick another --listen",
+        ) from None
+    mode = dashboard.auth.describe()
+    actions = logging.StreamHandler(ctx.err)  # who retried, cancelled or paused what
+    actions.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("jobqd.http.dashboard").addHandler(actions)
+    logging.getLogger("jobqd.http.dashboard").setLevel(logging.INFO)
+    try:
+        standalone.serve(server, lambda url: ctx.note(f"dashboard on {url} ({mode}); Ctrl-C stops"))
+    except KeyboardInterrupt:
+        ctx.note("dashboard stopped")
+    finally:
+        sessions.close()
+    return EXIT_OK
+
+
 def cmd_dsn(ctx: Context, args: argparse.Namespace) -> int:
     url = db.as_url(ctx.dsn, password=args.show_password)
     has_password = bool(db.password_of(ctx.dsn))
@@ -1195,6 +1244,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("list", "run"), help="list the entries, or run one now")
     p.add_argument("name", nargs="?", help="with run: the cron entry")
     command("prune", cmd_prune, "delete finished jobs past retention now")
+    p = command("dashboard", cmd_dashboard, "serve the web dashboard for this database")
+    p.add_argument(
+        "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="default 127.0.0.1:8080"
+    )
+    p.add_argument(
+        "--token-env",
+        metavar="VAR",
+        help="require sign-in with the token in this environment variable, which also "
+        "allows actions (default: the config's http.dashboard_auth, else read-only)",
+    )
     p = command("dsn", cmd_dsn, "print the database's URL, for psql and other clients")
     p.add_argument(
         "--show-password",

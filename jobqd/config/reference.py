@@ -157,6 +157,21 @@ TEXT: dict[str, str] = {
     "http.max_waiters": "Claims that may long-poll at once in the http child; one more gets "
     "503 with Retry-After: 1 (claims without `wait` are still served).",
     "http.max_body": "The largest request body accepted.",
+    "http.dashboard": "Serve the web dashboard at /dashboard/ on http.listen (which it needs), "
+    "beside /metrics: queues, jobs, errors, processes, cron, bundles, and actions once sign-in "
+    "is configured. Needs the dashboard extra (pip install 'jobqd[dashboard]'); without it "
+    "/dashboard/ answers 503 saying so.",
+    "http.dashboard_auth": "Sign-in for the dashboard. Unset: the dashboard is read-only for "
+    "anyone who reaches the listener (keep it on 127.0.0.1). Set: every page needs a sign-in, "
+    "and signed-in viewers may retry, cancel, delete, pause and run cron entries (POST with a "
+    "CSRF token). Give token_env, or user_env and password_env.",
+    "http.dashboard_auth.token_env": "The environment variable holding the dashboard token: "
+    "given in the sign-in form (a session cookie for 12 hours) or as `Authorization: Bearer`. "
+    "Unset in the environment: the dashboard answers 503 rather than open up.",
+    "http.dashboard_auth.user_env": "The environment variable holding the basic-auth user "
+    "name (with password_env; the browser asks for both).",
+    "http.dashboard_auth.password_env": "The environment variable holding the basic-auth "
+    "password (with user_env).",
     "database_health": "When `jobqctl status` and /metrics warn that vacuum is held back.",
     "database_health.holder_age": "A transaction or snapshot open this long keeps dead jobs "
     "in the table.",

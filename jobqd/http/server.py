@@ -63,7 +63,14 @@ from jobqd.daemon.lifecycle import (
     ProcessRow,
     Stopping,
 )
-from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError, first_line
+from jobqd.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    DatabaseUnavailable,
+    JobqdError,
+    PayloadError,
+    first_line,
+)
 from jobqd.http.api import Api, Request, disconnected
 from jobqd.http.auth import ADMIN, ENQUEUE, Tokens
 from jobqd.http.errors import ApiError
@@ -414,6 +421,7 @@ class Handler(BaseHTTPRequestHandler):
     """HTTP for App: routing, size and time caps, JSON errors."""
 
     app: App  # set on the subclass made by make_server
+    dashboard: Any = None  # a jobqd.http.dashboard.Dashboard when http.dashboard is on
     max_body: int
     timeout = REQUEST_TIMEOUT
     # Keep-alive: an HTTP worker's claims and outcomes reuse one connection (every answer
@@ -466,6 +474,14 @@ class Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         auth = self.headers.get("Authorization")
         self._consumed = False
+        if self.dashboard is not None and self.dashboard.handles(path):
+            if (
+                self.headers.get("Content-Length", "0") != "0"
+                or "Transfer-Encoding" in self.headers
+            ):
+                self.close_connection = True  # a form refused unread must not pass for a request
+            self.dashboard.serve(self)
+            return
         try:
             if method == "GET" and path == "/metrics":
                 self._send(HTTPStatus.OK, *self.app.metrics(self.headers.get("Accept")))
@@ -571,12 +587,13 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_server(
-    settings: Any, app: App, listener: socket.socket | None = None
+    settings: Any, app: App, listener: socket.socket | None = None, dashboard: Any = None
 ) -> ThreadingHTTPServer:
-    """A server for `app` on `listener` (the socket the master bound), or binding
-    `http.listen` itself (IPv4 or IPv6) when there is none."""
+    """A server for `app` (and `dashboard`, if any) on `listener` (the socket the master
+    bound), or binding `http.listen` itself (IPv4 or IPv6) when there is none."""
     host, port = settings.http.host, settings.http.port
-    handler = type("BoundHandler", (Handler,), {"app": app, "max_body": settings.http.max_body})
+    attributes = {"app": app, "dashboard": dashboard, "max_body": settings.http.max_body}
+    handler = type("BoundHandler", (Handler,), attributes)
     server_class = _Server
     if ":" in (host or ""):
         server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
@@ -702,8 +719,22 @@ def serve(
     feed = Feed()
     tokens = Tokens.from_settings(settings.http)
     app = App(settings, dsn, feed, tokens, master_pid=parent_pid)
+    dashboard = None
+    if settings.http.dashboard:
+        from jobqd.http import dashboard as web
+
+        try:
+            dashboard = web.build(
+                app.schema, settings, app.sessions.session, settings.http.dashboard_auth
+            )
+        except JobqdError as exc:
+            log.error("cannot serve the dashboard: %s; /dashboard/ answers 503 until then", exc)
+            dashboard = web.Unavailable(str(exc))
+        else:
+            level = logging.WARNING if dashboard.auth.missing else logging.INFO
+            log.log(level, "dashboard at /dashboard/, %s", dashboard.auth.describe())
     try:
-        server = make_server(settings, app, listener)
+        server = make_server(settings, app, listener, dashboard)
     except OSError as exc:
         log.error("cannot listen on %s: %s", settings.http.listen, exc.strerror or exc)
         return EXIT_FAILURE
