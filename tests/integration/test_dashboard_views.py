@@ -311,6 +311,14 @@ def test_actions_change_the_database(serve: Any, conn: psycopg.Connection, dsn: 
     assert "paused" in overview and "Resume" in overview
     client.post("/dashboard/queues/mail/resume", {"csrf": csrf})
     assert conn.execute(paused).fetchone()[0] is False
+    # A timed pause ends by itself: the claim compares paused_until with the database's clock.
+    client.post("/dashboard/queues/mail/pause", {"csrf": csrf, "duration": "10m"})
+    left, by = conn.execute(
+        "SELECT extract(epoch FROM paused_until - now()), paused_by FROM jobqd.queues"
+        " WHERE name = 'mail'"
+    ).fetchone()
+    assert 590 < left <= 600 and by.startswith("dashboard (")
+    client.post("/dashboard/queues/mail/resume", {"csrf": csrf})
     # A queue name that is not URL-safe is pausable too, through the overview's own form.
     _enqueue(conn, "team a/b", "x")
     _, _, overview = client.get("/dashboard/")

@@ -6,7 +6,6 @@ asked; ValueError carries a message for the viewer when the request itself is wr
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -80,30 +79,18 @@ def retry_all(conn: psycopg.Connection, schema: str, queue: str, state: str, by:
 def pause(
     conn: psycopg.Connection, schema: str, queue: str, duration: str | None, by: str
 ) -> Notice:
-    """Pause a queue on every node; for `duration` (like 10m) when given and supported."""
+    """Pause a queue on every node; for `duration` (like 10m) when given."""
     if not queues.known(conn, schema, queue):
         return Notice(f"no queue {queue!r}: no daemon serves it and it has no jobs", ok=False)
-    extra: dict[str, Any] = {}
     seconds = None
     if duration:
         seconds = parse_duration(duration)  # ValueError names the format
         if seconds <= 0:
             raise ValueError("a pause lasts longer than 0s; leave it empty to pause until resumed")
-        if "duration" not in _pause_parameters():
-            raise ValueError("this jobqd cannot pause for a time yet; pause until resumed instead")
-        extra["duration"] = seconds
-    if "paused_by" in _pause_parameters():
-        extra["paused_by"] = f"dashboard ({by})"
-    queues.pause(conn, schema, queue, **extra)
+    queues.pause(conn, schema, queue, duration=seconds, paused_by=f"dashboard ({by})")
     for_ = f" for {format_duration(seconds)}" if seconds else ""
     log.info("dashboard: queue %s paused%s by %s", queue, for_, by, extra={"queue": queue})
     return Notice(f"queue {queue!r} paused{for_}: every node stops claiming from it")
-
-
-def _pause_parameters() -> set[str]:
-    """What store.queues.pause takes: `duration` and `paused_by` come with timed pause
-    (migration 0006, the protocol work); without them a pause lasts until resumed."""
-    return set(inspect.signature(queues.pause).parameters)
 
 
 def resume(conn: psycopg.Connection, schema: str, queue: str, by: str) -> Notice:
