@@ -1,5 +1,7 @@
 """jobqd: a Postgres-backed job queue daemon for Python."""
 
+from importlib import metadata
+
 from jobqd.client import BundleInfo, Client, JobInfo
 from jobqd.tasks import Discard, Job, JobCancelled, Retry, Snooze, middleware, task
 
@@ -15,4 +17,8 @@ __all__ = [
     "middleware",
     "task",
 ]
-__version__ = "0.1.0"
+
+try:  # pyproject.toml's version is the only one: read it from the installed metadata
+    __version__ = metadata.version("jobqd")
+except metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"

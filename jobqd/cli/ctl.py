@@ -11,6 +11,7 @@ import argparse
 import getpass
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -27,6 +28,7 @@ from typing import Any, NoReturn, TextIO
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from jobqd import __version__
 from jobqd import config as config_module
 from jobqd.cli import output
 from jobqd.cli import roll as rolling
@@ -1014,6 +1016,54 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dashboard(ctx: Context, args: argparse.Namespace) -> int:
+    from jobqd.config.settings import DashboardAuthSettings
+    from jobqd.http import dashboard as web
+    from jobqd.http.dashboard import standalone
+    from jobqd.http.server import Sessions
+
+    host, _, port = args.listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        _usage(f"--listen takes HOST:PORT like 127.0.0.1:8080, got {args.listen!r}")
+    if args.token_env:
+        auth = DashboardAuthSettings(token_env=args.token_env)
+    else:
+        auth = ctx.settings.http.dashboard_auth if ctx.settings else None
+    admin.processes(ctx.conn, ctx.schema)  # unreachable or unmigrated: say so now, not later
+    sessions = Sessions(ctx.dsn, application_name="jobqctl")
+    try:
+        dashboard = web.build(ctx.schema, ctx.settings, sessions.session, auth)
+    except JobqdError as exc:
+        raise CtlError(EXIT_FAILURE, str(exc)) from None
+    if dashboard.auth.missing:
+        _usage(f"{dashboard.auth.missing} is not set: export it first, or leave out the auth")
+    if not dashboard.auth.required and host not in ("127.0.0.1", "::1", "localhost"):
+        ctx.note(
+            f"warning: anyone who reaches {host} can read every job's args and errors "
+            "(no sign-in); pass --token-env VAR to require one"
+        )
+    try:
+        server = standalone.make_server(dashboard, host, int(port))
+    except OSError as exc:
+        raise CtlError(
+            EXIT_FAILURE,
+            f"cannot listen on {args.listen}: {exc.strerror or exc}; pick another --listen",
+        ) from None
+    mode = dashboard.auth.describe()
+    actions = logging.StreamHandler(ctx.err)  # who retried, cancelled or paused what
+    actions.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("jobqd.http.dashboard").addHandler(actions)
+    logging.getLogger("jobqd.http.dashboard").setLevel(logging.INFO)
+    try:
+        standalone.serve(server, lambda url: ctx.note(f"dashboard on {url} ({mode}); Ctrl-C stops"))
+    except KeyboardInterrupt:
+        ctx.note("dashboard stopped")
+    finally:
+        sessions.close()
+    return EXIT_OK
+
+
 def cmd_dsn(ctx: Context, args: argparse.Namespace) -> int:
     url = db.as_url(ctx.dsn, password=args.show_password)
     has_password = bool(db.password_of(ctx.dsn))
@@ -1106,6 +1156,7 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line; jobqd.cli.manual renders jobqctl(1) from it."""
     parser = argparse.ArgumentParser(
         prog="jobqctl",
         description="Look at jobqd's queues and act on them.",
@@ -1113,6 +1164,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{SYSTEM_CONFIG}, in that order.",
     )
     _common(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"jobqctl {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     _common(common, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -1127,24 +1179,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_duration, default=WATCH_INTERVAL, help="refresh interval")
     command("workers", cmd_workers, "the registered processes on every host")
     p = command("jobs", cmd_jobs, "list jobs, newest first")
-    p.add_argument("--queue")
-    p.add_argument("--state", choices=admin.STATES)
-    p.add_argument("--limit", type=_positive_int, default=50)
+    p.add_argument("--queue", help="only jobs of this queue")
+    p.add_argument("--state", choices=admin.STATES, help="only jobs in this state")
+    p.add_argument("--limit", type=_positive_int, default=50, help="at most this many (50)")
     p = command("show", cmd_show, "one job: args, state, attempts, lease, errors")
-    p.add_argument("id", type=_job_id)
+    p.add_argument("id", type=_job_id, help="the job id")
     for name, handler, states, help in (
         ("retry", cmd_retry, admin.RETRYABLE_STATES, "run jobs again now"),
         ("cancel", cmd_cancel, admin.CANCELLABLE_STATES, "cancel queued or running jobs"),
     ):
         p = command(name, handler, help)
-        p.add_argument("ids", nargs="*", type=_job_id, metavar="ID")
+        p.add_argument("ids", nargs="*", type=_job_id, metavar="ID", help="job ids")
         p.add_argument("--queue", help="every job of this queue in --state")
-        p.add_argument("--state", choices=states)
+        p.add_argument("--state", choices=states, help="with --queue: the jobs in this state")
         p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     p = command("delete", cmd_delete, "delete jobs that are not running")
-    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID")
+    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID", help="job ids")
     p = command("pause", cmd_pause, "stop claiming from a queue on every node")
-    p.add_argument("queue")
+    p.add_argument("queue", help="the queue to pause")
     p.add_argument(
         "--for",
         dest="duration",
@@ -1155,39 +1207,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", help="who pauses, shown by status (default: user@host)")
     p.add_argument("--force", action="store_true", help="pause a queue the cluster does not know")
     p = command("resume", cmd_resume, "claim from a paused queue again")
-    p.add_argument("queue")
+    p.add_argument("queue", help="the queue to resume")
     p = command("enqueue", cmd_enqueue, "enqueue one job")
-    p.add_argument("task")
+    p.add_argument("task", help="the task name")
     p.add_argument("--queue", help="default: the task's queue, else default")
     p.add_argument("--args", type=_json_args, default=None, help="job args as JSON")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--delay", type=_duration, help="run after this long, e.g. 30s, 5m")
     when.add_argument("--run-at", type=_time, help="run at this ISO 8601 time")
     p.add_argument("--priority", type=int, default=0, help="smaller runs first")
-    p.add_argument("--max-attempts", type=_positive_int)
-    p.add_argument("--dedup-key")
-    p.add_argument("--idempotency-key")
+    p.add_argument("--max-attempts", type=_positive_int, help="default: the task's or queue's")
+    p.add_argument(
+        "--dedup-key", help="a queued or running job of the queue with this key is returned instead"
+    )
+    p.add_argument("--idempotency-key", help="enqueue once per key within retention.idempotency")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the job's id")
     p = command("wait", cmd_wait, "wait until jobs have ended; print their states")
-    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID")
+    p.add_argument("ids", nargs="+", type=_job_id, metavar="ID", help="job ids")
     p.add_argument(
         "--timeout", type=_duration, default=60.0, help="give up after this long (default 1m)"
     )
     p = command("bundles", cmd_bundles, "list bundles, newest first")
     p.add_argument("--unfinished", action="store_true", help="only bundles still waiting")
-    p.add_argument("--limit", type=_positive_int, default=50)
+    p.add_argument("--limit", type=_positive_int, default=50, help="at most this many (50)")
     p = command("bundle", cmd_bundle, "one bundle: `bundle show ID`")
-    p.add_argument("action", choices=("show",))
-    p.add_argument("id", type=_positive_whole_number("a bundle id"))
+    p.add_argument("action", choices=("show",), help="show")
+    p.add_argument("id", type=_positive_whole_number("a bundle id"), help="the bundle id")
     p = command("migrate", cmd_migrate, "apply pending schema migrations")
     p.add_argument("--dry-run", action="store_true", help="only list what would be applied")
     p = command("events", cmd_events, "list, or turn on/off, job end events per queue")
-    p.add_argument("action", nargs="?", choices=("list", "on", "off"), default="list")
-    p.add_argument("queues", nargs="*", metavar="QUEUE")
+    p.add_argument(
+        "action", nargs="?", choices=("list", "on", "off"), default="list", help="default: list"
+    )
+    p.add_argument("queues", nargs="*", metavar="QUEUE", help="the queues to turn on or off")
     p = command("cron", cmd_cron, "list cron entries, or run one now")
-    p.add_argument("action", choices=("list", "run"))
-    p.add_argument("name", nargs="?")
+    p.add_argument("action", choices=("list", "run"), help="list the entries, or run one now")
+    p.add_argument("name", nargs="?", help="with run: the cron entry")
     command("prune", cmd_prune, "delete finished jobs past retention now")
+    p = command("dashboard", cmd_dashboard, "serve the web dashboard for this database")
+    p.add_argument(
+        "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="default 127.0.0.1:8080"
+    )
+    p.add_argument(
+        "--token-env",
+        metavar="VAR",
+        help="require sign-in with the token in this environment variable, which also "
+        "allows actions (default: the config's http.dashboard_auth, else read-only)",
+    )
     p = command("dsn", cmd_dsn, "print the database's URL, for psql and other clients")
     p.add_argument(
         "--show-password",
@@ -1195,7 +1261,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="include the password the URL came with (left out by default)",
     )
     p = command("psql", cmd_psql, "open psql on the database (arguments after -- go to psql)")
-    p.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="-- PSQL-ARGUMENTS")
+    p.add_argument(
+        "psql_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- PSQL-ARGUMENTS",
+        help="passed to psql as they are",
+    )
     p = command("roll", cmd_roll, "replace every worker on this host's daemons with new code")
     p.add_argument(
         "--timeout",

@@ -25,8 +25,10 @@ from jobqd.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_UNREACHABLE,
+    EXIT_USAGE,
     DatabaseUnavailable,
 )
+from jobqd.observe import healthfile
 from jobqd.observe.logs import setup_logging
 
 log = logging.getLogger("jobqd.master")
@@ -36,7 +38,8 @@ log = logging.getLogger("jobqd.master")
 _PASSWORD = re.compile(r"://[^\s:/@]+:(?!\$\{)[^\s@]+@|password\s*=\s*(?!\$\{)\S", re.I)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; jobqd.cli.manual renders jobqd(8) from it."""
     parser = argparse.ArgumentParser(
         prog="jobqd",
         description="Run the jobqd daemon: a master process that supervises worker, "
@@ -59,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         help="do not apply database migrations at start (same as database.migrate: false)",
     )
     parser.add_argument(
+        "--health",
+        action="store_true",
+        help=f"for container health checks, needing no config: exit 0 if the master that "
+        f"${healthfile.ENV} names rewrote that file in the last {healthfile.MAX_AGE:g}s "
+        "and is alive, else 1",
+    )
+    parser.add_argument(
         "--init",
         metavar="DIR",
         help=f"write a starter into DIR: a commented config ({starter.CONFIG}) and an example "
@@ -69,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.health:
+        return health()
     if args.init:
         return starter.init(args.init)
     path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
@@ -82,6 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return check(path, hint)
     return start(path, hint, migrate=not args.no_migrate)
+
+
+def health() -> int:
+    """`jobqd --health`: one line saying whether the master is alive and turning."""
+    path = os.environ.get(healthfile.ENV)
+    if not path:
+        print(f"jobqd: set {healthfile.ENV} (the daemon's too) to use --health", file=sys.stderr)
+        return EXIT_USAGE
+    verdict = healthfile.check(Path(path))
+    print(f"jobqd: {verdict.message}", file=sys.stdout if verdict.healthy else sys.stderr)
+    return EXIT_OK if verdict.healthy else EXIT_FAILURE
 
 
 def check(path: str, hint: str = "") -> int:

@@ -437,11 +437,79 @@ class MaintenanceSettings:
             )
 
 
+TOKEN_SCOPES = ("worker", "enqueue", "admin")
+"""What a bearer token of the http child may do: `worker` claims, renews and finishes jobs and
+reads a queue's depth; `enqueue` only enqueues; `admin` may do everything."""
+
+
+def _tokens(value: object) -> FrozenDict:
+    """scope -> the environment variables holding its tokens (a name or a list of names)."""
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"expected a mapping of scopes ({', '.join(TOKEN_SCOPES)}) to environment "
+            f"variable names, got {_show(value)}"
+        )
+    scopes = {}
+    for scope, names in value.items():
+        if scope not in TOKEN_SCOPES:
+            raise ValueError(
+                f"unknown scope {_show(scope)}{_suggest(str(scope), TOKEN_SCOPES)}; "
+                f"scopes: {', '.join(TOKEN_SCOPES)}"
+            )
+        listed = names if isinstance(names, list) else [names]
+        if not listed:
+            raise ValueError(f"{scope}: expected at least one environment variable name")
+        for name in listed:
+            if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+                raise ValueError(  # not shown: it may be a token pasted in by mistake
+                    f"{scope}: expected the name of an environment variable holding the "
+                    "token (letters, digits, _), never the token itself"
+                )
+        scopes[scope] = tuple(listed)
+    return FrozenDict(scopes)
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardAuthSettings:
+    """Who may act in the dashboard: a token, or a basic-auth user and password, each read
+    from an environment variable (never from the file)."""
+
+    token_env: str | None = _key(None, _matching(_ENV_NAME, "an environment variable"))
+    user_env: str | None = _key(None, _matching(_ENV_NAME, "an environment variable"))
+    password_env: str | None = _key(None, _matching(_ENV_NAME, "an environment variable"))
+
+    def __post_init__(self) -> None:
+        basic = (self.user_env is not None, self.password_env is not None)
+        if self.token_env is not None and any(basic):
+            raise InvalidSetting(
+                "token_env", "give token_env or user_env and password_env, not both"
+            )
+        if self.token_env is None and not all(basic):
+            missing = "password_env" if basic[0] else "user_env"
+            raise InvalidSetting(
+                missing, "give token_env, or both user_env and password_env (basic auth)"
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
     listen: str | None = _key(None, _listen)  # "host:port"; None: no HTTP server
+    # the environment variable of the admin token (what the one token of old could do)
     token_env: str = _key("JOBQD_HTTP_TOKEN", _matching(_ENV_NAME, "an environment variable"))
+    tokens: FrozenDict = _key(FrozenDict(), _tokens)  # scope -> environment variable names
     max_body: int = _key(2**20, _size)
+    max_claim: int = _key(100, _integer(1, 1000))  # most jobs one HTTP claim may take
+    max_wait: float = _key(30.0, _duration(positive=True))  # longest long-poll of a claim
+    max_waiters: int = _key(100, _integer(1, 10_000))  # claims waiting at once, then 503
+    dashboard: bool = _key(False, _boolean)  # serve the web dashboard at /dashboard/
+    # without it the dashboard is read-only; with it, sign-in is needed to see it at all
+    dashboard_auth: DashboardAuthSettings | None = _section(DashboardAuthSettings, default=None)
+
+    def __post_init__(self) -> None:
+        if self.dashboard and self.listen is None:
+            raise InvalidSetting(
+                "dashboard", "the dashboard is served on http.listen: set it, e.g. 127.0.0.1:9187"
+            )
 
     @property
     def host(self) -> str | None:

@@ -85,7 +85,7 @@ from jobqd.daemon.prepare import MIGRATING, prepare, resolve_database
 from jobqd.daemon.reload import ReloadPlan, plan_reload
 from jobqd.daemon.roll import BOOT_TIMEOUT, ROLLING, Replacement, Roll, plan_roll
 from jobqd.errors import EXIT_BOOT_FAILED, EXIT_FAILURE, EXIT_OK, EXIT_RECYCLE
-from jobqd.observe import sdnotify
+from jobqd.observe import healthfile, sdnotify
 from jobqd.observe.logs import setup_logging
 from jobqd.observe.metrics import MetricStore, define_jobqd_metrics
 from jobqd.observe.proctitle import set_title
@@ -199,6 +199,7 @@ class Supervisor:
         self.version = installed_version()
         self._title = "master"
         self._watchdog = sdnotify.watchdog_interval()
+        self._health_file = healthfile.HealthFile.from_environment()
         self._next_watchdog = 0.0
         self._next_feed = 0.0
 
@@ -374,6 +375,8 @@ class Supervisor:
             self._turn(time.monotonic())
         log.info("master stopped")
         self.metrics.up.set(0)
+        if self._health_file:
+            self._health_file.remove()
         return self._exit_code
 
     def _turn(self, now: float) -> None:
@@ -1127,6 +1130,8 @@ class Supervisor:
         if self._watchdog and now >= self._next_watchdog:
             sdnotify.notify("WATCHDOG=1")
             self._next_watchdog = now + self._watchdog
+        if self._health_file:
+            self._health_file.beat(now, self._status or self.preparing)
 
     def health(self) -> dict[str, Any]:
         """The `health` message for the http child (jobqd.daemon.report)."""

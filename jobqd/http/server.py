@@ -20,26 +20,31 @@ Endpoints:
   GET /readyz      200 when the master has prepared the database, the database answers,
                    migrations are current and every child has booted and none crash-loops;
                    else 503 and which check failed
-  POST /jobs       enqueue (bearer token), 201 {"id": ...}
-  GET /jobs/{id}   one job (bearer token)
-  GET /bundles/{id} one bundle: counts, callback, its jobs per state (bearer token)
-  GET /queues      queue status (bearer token)
-The JSON API needs `Authorization: Bearer <token>` where the token is the value of the
-environment variable named by `http.token_env`; without that variable the API answers 503.
+  POST /jobs       enqueue (enqueue scope), 201 {"id": ...}
+  GET /jobs        jobs newest first, filtered, paged by `before` (admin)
+  GET /jobs/{id}   one job (admin)
+  GET /bundles/{id} one bundle: counts, callback, its jobs per state (admin)
+  GET /queues      queue status (admin)
+  and the worker and admin endpoints of jobqd.http.api: claim (long-polling with `wait`),
+  heartbeat, complete, fail, snooze, discard, a queue's depth; retry, cancel, pause, resume.
+The JSON API needs `Authorization: Bearer <token>` with a token of the scope the endpoint
+needs (jobqd.http.auth: `http.tokens`, and `http.token_env` for admin); 401 without a known
+token, 403 without the scope, 503 when no token is set at all. docs/http-api.md has it all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hmac
 import json
 import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from http import HTTPStatus
@@ -58,8 +63,19 @@ from jobqd.daemon.lifecycle import (
     ProcessRow,
     Stopping,
 )
-from jobqd.errors import EXIT_FAILURE, EXIT_OK, DatabaseUnavailable, PayloadError, first_line
+from jobqd.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    DatabaseUnavailable,
+    JobqdError,
+    PayloadError,
+    first_line,
+)
+from jobqd.http.api import Api, Request, disconnected
+from jobqd.http.auth import ADMIN, ENQUEUE, Tokens
+from jobqd.http.errors import ApiError
 from jobqd.http.metrics import Scrape
+from jobqd.http.wakeups import Wakeups
 from jobqd.store import admin, bundles, migrate
 from jobqd.store import jobs as job_rows
 from jobqd.store.connections import connect
@@ -74,19 +90,13 @@ REQUEST_TIMEOUT = 10.0
 """Seconds a client may take to send its request (slow clients hold a thread)."""
 DB_TIMEOUT_MS = 5_000
 CONNECT_TIMEOUT = 3
-SESSIONS = 4
+SESSIONS = 16
+"""Database sessions kept open between requests: enough for HTTP workers' claims and outcomes
+to reuse them (a busier moment opens more, closed afterwards)."""
 HEALTH_WRITE_INTERVAL = 2.0
 """Seconds between writes of the node's health into this child's jobqd.processes row."""
 _JOB_PATH = re.compile(r"/jobs/([^/]+)")
 _BUNDLE_PATH = re.compile(r"/bundles/([^/]+)")
-
-
-class ApiError(Exception):
-    """An answer other than success: status code and a message for the `error` field."""
-
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Feed:
@@ -186,15 +196,23 @@ class App:
         settings: Any,
         dsn: str,
         feed: Feed,
-        token: str | None,
+        tokens: Tokens,
         *,
         master_pid: int | None = None,
     ) -> None:
         self.settings = settings
         self.schema = settings.database.schema
         self.feed = feed
-        self.token = token
-        self.sessions = Sessions(dsn, application_name=settings.database.application_name)
+        self.tokens = tokens
+        name = settings.database.application_name
+        self.sessions = Sessions(dsn, application_name=name)
+        self.wakeups = Wakeups(
+            self.sessions.dsn,
+            self.schema,
+            application_name=name,
+            max_waiters=settings.http.max_waiters,
+        )
+        self.api = Api(settings, self.sessions, tokens, self.wakeups)
         self._database = _Cached(READY_TTL, self._check_database)
         self.scrape = Scrape(settings, self.sessions.session, master_pid=master_pid)
 
@@ -255,17 +273,8 @@ class App:
 
     # -- JSON API ---------------------------------------------------------------------------
 
-    def authorize(self, header: str | None) -> None:
-        if not self.token:
-            raise ApiError(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                f"API disabled: set {self.settings.http.token_env} in the daemon's environment",
-            )
-        scheme, _, given = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), self.token.encode()
-        ):
-            raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token")
+    def authorize(self, header: str | None, scope: str, what: str) -> None:
+        self.tokens.require(header, scope, what)
 
     def enqueue(self, body: Any) -> dict[str, Any]:
         kwargs = _enqueue_arguments(body)
@@ -412,29 +421,67 @@ class Handler(BaseHTTPRequestHandler):
     """HTTP for App: routing, size and time caps, JSON errors."""
 
     app: App  # set on the subclass made by make_server
+    dashboard: Any = None  # a jobqd.http.dashboard.Dashboard when http.dashboard is on
     max_body: int
     timeout = REQUEST_TIMEOUT
+    # Keep-alive: an HTTP worker's claims and outcomes reuse one connection (every answer
+    # has a Content-Length), instead of a TCP handshake and a thread per request.
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as written, not 40 ms later
     server_version = "jobqd"
     sys_version = ""
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s " + format, self.client_address[0], *args)
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, status: HTTPStatus, document: Any) -> None:
+    def _json(
+        self, status: HTTPStatus, document: Any, headers: dict[str, str] | None = None
+    ) -> None:
         body = json.dumps(document, default=_json_default, ensure_ascii=False).encode()
-        self._send(status, body + b"\n", "application/json")
+        self._send(status, body + b"\n", "application/json", headers)
+
+    def _request(self, method: str, path: str, query: str) -> Request:
+        return Request(
+            method=method,
+            path=path,
+            query=urllib.parse.parse_qs(query),
+            authorization=self.headers.get("Authorization"),
+            client=self.client_address[0],
+            body=lambda: self._body(optional=True),
+            gone=lambda: disconnected(self.connection),
+        )
 
     def _route(self, method: str) -> None:
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        auth = self.headers.get("Authorization")
+        self._consumed = False
+        if self.dashboard is not None and self.dashboard.handles(path):
+            if (
+                self.headers.get("Content-Length", "0") != "0"
+                or "Transfer-Encoding" in self.headers
+            ):
+                self.close_connection = True  # a form refused unread must not pass for a request
+            self.dashboard.serve(self)
+            return
         try:
             if method == "GET" and path == "/metrics":
                 self._send(HTTPStatus.OK, *self.app.metrics(self.headers.get("Accept")))
@@ -442,28 +489,38 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(*self.app.healthz())
             elif method == "GET" and path == "/readyz":
                 self._json(*self.app.readyz())
+            elif (answer := self.app.api.answer(self._request(method, path, query))) is not None:
+                self._json(*answer)
+            elif path == "/jobs" and method == "GET":
+                self.app.authorize(auth, ADMIN, "GET /jobs")
+                self._json(*self.app.api.list_jobs(self._request(method, path, query), ""))
             elif path == "/jobs":
                 self._allow(method, "POST")
-                self.app.authorize(self.headers.get("Authorization"))
+                self.app.authorize(auth, ENQUEUE, "POST /jobs")
                 self._json(HTTPStatus.CREATED, self.app.enqueue(self._body()))
             elif _JOB_PATH.fullmatch(path):
                 self._allow(method, "GET")
-                self.app.authorize(self.headers.get("Authorization"))
+                self.app.authorize(auth, ADMIN, "GET /jobs/{id}")
                 self._json(HTTPStatus.OK, self.app.job(_JOB_PATH.fullmatch(path).group(1)))
             elif _BUNDLE_PATH.fullmatch(path):
                 self._allow(method, "GET")
-                self.app.authorize(self.headers.get("Authorization"))
+                self.app.authorize(auth, ADMIN, "GET /bundles/{id}")
                 self._json(HTTPStatus.OK, self.app.bundle(_BUNDLE_PATH.fullmatch(path).group(1)))
             elif path == "/queues":
                 self._allow(method, "GET")
-                self.app.authorize(self.headers.get("Authorization"))
+                self.app.authorize(auth, ADMIN, "GET /queues")
                 self._json(HTTPStatus.OK, self.app.queues())
             elif path in ("/metrics", "/healthz", "/readyz"):
                 self._allow(method, "GET")
             else:
                 raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
         except ApiError as exc:
-            self._json(exc.status, {"error": str(exc)})
+            unread = self.headers.get("Content-Length", "0") != "0" or (
+                "Transfer-Encoding" in self.headers
+            )
+            if unread and not self._consumed:
+                self.close_connection = True  # the unread body must not pass for a request
+            self._json(exc.status, {"error": str(exc)}, exc.headers)
         except (DatabaseUnavailable, psycopg.OperationalError) as exc:
             self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"database: {first_line(exc)}"})
         except psycopg.Error as exc:
@@ -474,8 +531,11 @@ class Handler(BaseHTTPRequestHandler):
         if method != allowed:
             raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {allowed} here")
 
-    def _body(self) -> Any:
+    def _body(self, *, optional: bool = False) -> Any:
+        """The JSON body; with `optional`, {} when there is none."""
         length = self.headers.get("Content-Length")
+        if length is None and optional and "Transfer-Encoding" not in self.headers:
+            return {}
         if length is None:
             raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
         try:
@@ -489,6 +549,9 @@ class Handler(BaseHTTPRequestHandler):
                 f"request body of {size} bytes is over http.max_body ({self.max_body} bytes)",
             )
         data = self.rfile.read(size)
+        self._consumed = True
+        if optional and not data.strip():
+            return {}
         try:
             return json.loads(data)
         except ValueError as exc:
@@ -514,14 +577,23 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (a long-poll given up, a worker killed) is routine; anything
+        else is logged, never printed to stderr as socketserver would."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("http client %s hung up", client_address[0])
+        else:
+            log.exception("http request from %s failed", client_address[0])
+
 
 def make_server(
-    settings: Any, app: App, listener: socket.socket | None = None
+    settings: Any, app: App, listener: socket.socket | None = None, dashboard: Any = None
 ) -> ThreadingHTTPServer:
-    """A server for `app` on `listener` (the socket the master bound), or binding
-    `http.listen` itself (IPv4 or IPv6) when there is none."""
+    """A server for `app` (and `dashboard`, if any) on `listener` (the socket the master
+    bound), or binding `http.listen` itself (IPv4 or IPv6) when there is none."""
     host, port = settings.http.host, settings.http.port
-    handler = type("BoundHandler", (Handler,), {"app": app, "max_body": settings.http.max_body})
+    attributes = {"app": app, "dashboard": dashboard, "max_body": settings.http.max_body}
+    handler = type("BoundHandler", (Handler,), attributes)
     server_class = _Server
     if ":" in (host or ""):
         server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
@@ -552,6 +624,7 @@ class HttpChild(ChildProcess):
         parent_pid: int | None,
         on_title: Callable[[str], None] | None,
         sessions: Sessions | None = None,
+        wakeups: Wakeups | None = None,
     ) -> None:
         row = ProcessRow(queries(settings.database.schema), "http", fields={"child": "http"})
         super().__init__(sender=sender, parent_pid=parent_pid, on_title=on_title, row=row)
@@ -559,6 +632,7 @@ class HttpChild(ChildProcess):
         self.server = server
         self.feed = feed
         self.sessions = sessions
+        self.wakeups = wakeups
         self._done = threading.Event()
 
     def metadata(self) -> dict[str, Any]:
@@ -590,21 +664,25 @@ class HttpChild(ChildProcess):
         ):
             self.deregister(conn)
 
-    def run(self, feed_fd: int, token: str | None) -> int:
+    def run(self, feed_fd: int, tokens: Tokens) -> int:
         thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
         thread.start()
         writer = threading.Thread(target=self._write_health, name="health", daemon=True)
         writer.start()
+        if self.wakeups is not None:
+            self.wakeups.start()
         self.on_title(f"http {self.settings.http.listen}")
         log.info(
-            "serving /metrics, /healthz, /readyz and the JSON API on %s%s",
+            "serving /metrics, /healthz, /readyz and the JSON API on %s; token scopes: %s",
             self.settings.http.listen,
-            "" if token else f" (JSON API disabled: {self.settings.http.token_env} is not set)",
+            tokens.describe(),
         )
         self.send_booted()
         try:
             self._follow(feed_fd)
         finally:
+            if self.wakeups is not None:  # waiting claims answer at once, with no jobs
+                self.wakeups.stop()
             self.server.shutdown()
             self.server.server_close()
             self._deregister()
@@ -639,10 +717,24 @@ def serve(
 ) -> int:
     """Serve until the feed closes (the master is gone), TERM/QUIT, or the parent changes."""
     feed = Feed()
-    token = os.environ.get(settings.http.token_env) or None
-    app = App(settings, dsn, feed, token, master_pid=parent_pid)
+    tokens = Tokens.from_settings(settings.http)
+    app = App(settings, dsn, feed, tokens, master_pid=parent_pid)
+    dashboard = None
+    if settings.http.dashboard:
+        from jobqd.http import dashboard as web
+
+        try:
+            dashboard = web.build(
+                app.schema, settings, app.sessions.session, settings.http.dashboard_auth
+            )
+        except JobqdError as exc:
+            log.error("cannot serve the dashboard: %s; /dashboard/ answers 503 until then", exc)
+            dashboard = web.Unavailable(str(exc))
+        else:
+            level = logging.WARNING if dashboard.auth.missing else logging.INFO
+            log.log(level, "dashboard at /dashboard/, %s", dashboard.auth.describe())
     try:
-        server = make_server(settings, app, listener)
+        server = make_server(settings, app, listener, dashboard)
     except OSError as exc:
         log.error("cannot listen on %s: %s", settings.http.listen, exc.strerror or exc)
         return EXIT_FAILURE
@@ -654,10 +746,11 @@ def serve(
         parent_pid=parent_pid,
         on_title=on_title,
         sessions=app.sessions,
+        wakeups=app.wakeups,
     )
     child.install_signals()
     try:
-        return child.run(feed_fd, token)
+        return child.run(feed_fd, tokens)
     finally:
         app.sessions.close()
 

@@ -180,9 +180,10 @@ def jobs(
     queue: str | None = None,
     state: str | None = None,
     limit: int = 50,
+    before: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Newest first."""
-    found = job_rows.newest(conn, schema, queue=queue, state=state, limit=limit)
+    """Newest first; `before` pages on (ids below it)."""
+    found = job_rows.newest(conn, schema, queue=queue, state=state, limit=limit, before=before)
     return [dataclasses.asdict(info) for info in found]
 
 

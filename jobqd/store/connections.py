@@ -158,6 +158,11 @@ def subscribe(conn: psycopg.Connection, channel: str) -> None:
     conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel)))
 
 
+def unsubscribe(conn: psycopg.Connection, channel: str) -> None:
+    """Undo subscribe(): UNLISTEN takes an identifier too."""
+    conn.execute(pgsql.SQL("UNLISTEN {}").format(pgsql.Identifier(channel)))
+
+
 def location(dsn: str) -> str:
     """HOST:PORT/DB of a DSN for messages: never its password, whatever else it holds."""
     try:

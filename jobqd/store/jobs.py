@@ -189,10 +189,12 @@ def newest(
     queue: str | None = None,
     state: str | None = None,
     limit: int = 100,
+    before: int | None = None,
 ) -> list[JobInfo]:
-    """Jobs of `queue` in `state` (None: any), newest first."""
+    """Jobs of `queue` in `state` (None: any), newest first; with `before`, only ids below it
+    (the next page after a page whose last id it is)."""
     cur = conn.cursor(row_factory=dict_row)
-    params = {"queue": queue, "state": state, "limit": limit}
+    params = {"queue": queue, "state": state, "limit": limit, "before": before}
     return [JobInfo(**row) for row in cur.execute(queries(schema).jobs_list, params).fetchall()]
 
 

@@ -39,3 +39,11 @@ def known(conn: psycopg.Connection, schema: str, queue: str) -> bool:
     jobs. Pausing an unknown name is almost always a typo."""
     row = conn.execute(queries(schema).queues_known, {"queue": queue}).fetchone()
     return bool(row and row[0])
+
+
+def paused(conn: psycopg.Connection, schema: str, queue: str) -> dict[str, object]:
+    """`paused` (now: a timed pause that ran out is not), `paused_until` and `paused_by`."""
+    row = conn.execute(queries(schema).queues_paused, {"queue": queue}).fetchone()
+    if row is None:
+        return {"paused": False, "paused_until": None, "paused_by": None}
+    return {"paused": bool(row[0]), "paused_until": row[1], "paused_by": row[2]}

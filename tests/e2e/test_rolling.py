@@ -237,7 +237,10 @@ def test_a_replacement_that_cannot_boot_stops_the_roll_and_the_old_workers_keep_
     assert "exited before it booted" in stopped["message"]
 
     status = wait_for(
-        lambda: (lambda out: out if "roll:" in out else None)(jobqctl(dsn, "status").stdout),
+        # the generations show first; the failed roll follows with the http child's health write
+        lambda: (lambda out: out if "roll 1 stopped" in out else None)(
+            jobqctl(dsn, "status").stdout
+        ),
         what="jobqctl status to show the stopped roll",
     )
     assert f"master {daemon.pid}: roll 1 stopped: the replacement for worker b#0 exited" in status

@@ -61,16 +61,26 @@ def health(booted: bool = True, maintenance_pid: int | None = None) -> dict:
 class HttpChild:
     """A running http child, its feed pipe, and a way to call it."""
 
-    def __init__(self, tmp: Path, dsn: str, *, token: str | None = TOKEN, max_body: str = "4KiB"):
+    def __init__(
+        self,
+        tmp: Path,
+        dsn: str,
+        *,
+        token: str | None = TOKEN,
+        max_body: str = "4KiB",
+        http: str = "",
+        env: dict[str, str] | None = None,
+    ):
+        """`http`: more keys of the http section (`, max_claim: 5`); `env`: the child's."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         path = tmp / f"jobqd-{self.port}.yaml"
         path.write_text(
             f"database: {{url: '{dsn}'}}\n"
-            f"http: {{listen: '127.0.0.1:{self.port}', max_body: {max_body}}}\n"
+            f"http: {{listen: '127.0.0.1:{self.port}', max_body: {max_body}{http}}}\n"
         )
         read, self.feed = os.pipe()
-        env = {k: v for k, v in os.environ.items() if k != "JOBQD_HTTP_TOKEN"}
+        env = {k: v for k, v in os.environ.items() if k != "JOBQD_HTTP_TOKEN"} | (env or {})
         if token:
             env["JOBQD_HTTP_TOKEN"] = token
         self.proc = subprocess.Popen(
@@ -305,7 +315,7 @@ def test_json_api(children, dsn):
         "/jobs", method="POST", body={"task": "t", "args": {"blob": "x" * 5000}}, token=TOKEN
     )
     assert status == 413 and "http.max_body" in body["error"]
-    assert child.call("/jobs", method="GET", token=TOKEN)[0] == 405
+    assert child.call("/jobs", method="PUT", token=TOKEN)[0] == 405
     assert child.call("/nowhere")[0] == 404
     assert scalar(dsn, "SELECT count(*) FROM jobqd.jobs") == 1
 

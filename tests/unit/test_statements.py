@@ -21,8 +21,11 @@ PACKAGE = Path(jobqd.__file__).parent
 ACCESSORS = {"sql", "_sql", "statements", "_statements"}
 # Attributes of a Queries object, or of the sql module, that are not statements.
 NOT_STATEMENTS = {"schema"} | {name for name in vars(sql_module) if not name.startswith("_")}
-# The only SQL built in Python: LISTEN's channel is an identifier and cannot be bound.
-INLINE_SQL_ALLOWED = {("store/connections.py", "subscribe")}
+# The only SQL built in Python: (UN)LISTEN's channel is an identifier and cannot be bound.
+INLINE_SQL_ALLOWED = {
+    ("store/connections.py", "subscribe"),
+    ("store/connections.py", "unsubscribe"),
+}
 
 
 def _trees() -> Iterator[tuple[str, ast.Module]]:

@@ -35,6 +35,7 @@ SELECT id, queue, task, args, state, attempt, max_attempts, priority, run_at, cr
   FROM {schema}.jobs j
  WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
    AND (%(state)s::text IS NULL OR state = %(state)s)
+   AND (%(before)s::bigint IS NULL OR id < %(before)s)
  ORDER BY id DESC
  LIMIT %(limit)s
 

@@ -8,6 +8,10 @@ SELECT {schema}.pause(%(queue)s, %(duration)s * interval '1 second', %(paused_by
 -- name: queues_paused_until
 SELECT paused_until FROM {schema}.queues WHERE name = %(queue)s
 
+-- name: queues_paused
+SELECT paused AND (paused_until IS NULL OR paused_until > now()), paused_until, paused_by
+  FROM {schema}.queues WHERE name = %(queue)s
+
 -- name: queues_resume
 SELECT {schema}.resume(%(queue)s)
 
@@ -135,3 +139,14 @@ ON CONFLICT (name) DO UPDATE
 SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(queue)s)
     OR EXISTS (SELECT 1 FROM {schema}.jobs WHERE queue = %(queue)s)
     OR EXISTS (SELECT 1 FROM {schema}.tasks WHERE queue = %(queue)s)
+
+-- name: queues_due
+-- Of the queues that HTTP claims wait on, those with a due job and no pause: the http child's
+-- wake-up for jobs that become due without a NOTIFY (delays, retries, snoozes). A hint only;
+-- the claim itself decides.
+SELECT q FROM unnest(%(queues)s::text[]) AS q
+ WHERE EXISTS (SELECT 1 FROM {schema}.jobs j
+                WHERE j.queue = q AND j.state = 'queued' AND j.run_at <= now())
+   AND NOT EXISTS (SELECT 1 FROM {schema}.queues p
+                    WHERE p.name = q AND p.paused
+                      AND (p.paused_until IS NULL OR p.paused_until > now()))
