@@ -76,7 +76,7 @@ def effective_max_attempts(job_max: int | None, spec: TaskSpec | None, policy: P
 def claimed_job(row: tuple[Any, ...], queue: str, registry: Registry, policy: Policy) -> Job:
     """A Job from one row of the `claim` statement, its attempt limit resolved job > task >
     queue policy."""
-    job_id, task, args, attempt, max_attempts, token, created, begun = row
+    job_id, task, args, attempt, max_attempts, token, created, begun, _due = row
     return Job(
         id=job_id,
         queue=queue,
@@ -91,13 +91,11 @@ def claimed_job(row: tuple[Any, ...], queue: str, registry: Registry, policy: Po
 
 
 def queue_waits(rows: list[tuple[Any, ...]]) -> list[float]:
-    """Seconds each claimed job waited between becoming due and its claim, both on the
-    database's clock, for the pickup-latency histogram: arithmetic on the claim's columns.
-
-    The claim returns no `run_at`, so a job's due time is taken as its `created_at`, which is
-    right only for the first attempt of a job enqueued without a delay: retries (their
-    created_at is attempts ago) are left out, and a delayed job's wait includes its delay."""
-    return [wait if (wait := row[7] - row[6]) > 0 else 0.0 for row in rows if row[3] == 1]
+    """Seconds each claimed job waited between becoming due (`run_at`: its delay, retry or
+    snooze included) and its claim (`started_at`), both on the database's clock, for the
+    pickup-latency histogram: arithmetic on the claim's columns. Never below zero (a job may
+    be due after the claim's transaction began)."""
+    return [wait if (wait := row[7] - row[8]) > 0 else 0.0 for row in rows]
 
 
 def _encode_result(value: Any) -> str | None:

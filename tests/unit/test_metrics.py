@@ -290,13 +290,14 @@ def test_concurrent_increments_are_not_lost():
     assert samples[("jobqd_job_duration_seconds_count", (("queue", "q"), ("task", "t")))] == 80_000
 
 
-def test_queue_waits_count_first_attempts_on_the_database_clock():
+def test_queue_waits_run_from_the_due_time_on_the_database_clock():
     from jobqd.worker.executor import queue_waits
 
-    # id, task, args, attempt, max_attempts, token, created_at, started_at (epoch seconds)
+    # id, task, args, attempt, max_attempts, token, created_at, started_at, run_at (epoch s)
     rows = [
-        (1, "t", "{}", 1, None, 11, 100.0, 100.25),
-        (2, "t", "{}", 3, None, 12, 50.0, 100.25),  # a retry: created attempts ago, left out
-        (3, "t", "{}", 1, None, 13, 100.5, 100.25),  # claimed in a transaction begun earlier
+        (1, "t", "{}", 1, None, 11, 100.0, 100.25, 100.0),
+        (2, "t", "{}", 3, None, 12, 50.0, 100.25, 99.75),  # a retry: due since its backoff ended
+        (3, "t", "{}", 1, None, 13, 100.5, 100.25, 100.5),  # due after the claim's now()
+        (4, "t", "{}", 1, None, 14, 40.0, 100.25, 100.0),  # enqueued with a 60 s delay
     ]
-    assert queue_waits(rows) == [0.25, 0.0]
+    assert queue_waits(rows) == [0.25, 0.5, 0.0, 0.25]

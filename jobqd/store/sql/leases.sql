@@ -7,7 +7,8 @@
 -- Take up to `limit` due jobs of one queue, in claim order, unless the queue is paused: the
 -- claim external workers make too (migration 0006), so the two cannot drift.
 SELECT id, task, args::text, attempt, max_attempts, lease_token,
-       extract(epoch FROM created_at)::float8, extract(epoch FROM started_at)::float8
+       extract(epoch FROM created_at)::float8, extract(epoch FROM started_at)::float8,
+       extract(epoch FROM run_at)::float8
   FROM {schema}.claim_batch(%(queue)s, %(limit)s, %(lease)s * interval '1 second',
                             %(process_id)s)
 
