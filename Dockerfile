@@ -28,7 +28,8 @@ RUN groupadd --system --gid 10001 jobqd \
     --shell /usr/sbin/nologin jobqd \
  && install -d -o 10001 -g 10001 -m 0750 /run/jobqd
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+# With the dashboard extra (jinja2), so `http.dashboard: true` works in the image.
+RUN pip install --no-cache-dir "$(echo /wheels/jobqd-*.whl)[dashboard]" && rm -rf /wheels
 COPY packaging/docker/jobqd.yaml /etc/jobqd/jobqd.yaml
 USER 10001:10001
 WORKDIR /var/lib/jobqd

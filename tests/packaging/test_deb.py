@@ -162,6 +162,12 @@ def test_the_unpacked_tree_runs(root: Path, tmp_path: Path) -> None:
         env=CLEAN_ENV,
     )
     assert native.stdout.split() == ["binary", "True"], native.stderr
+    # The dashboard extra is in the package: `http.dashboard: true` works once installed.
+    dashboard = run(
+        python, "-c", "import jinja2, jobqd.http.dashboard.render; print('ok')", env=CLEAN_ENV
+    )
+    assert dashboard.stdout == "ok\n", dashboard.stderr
+    assert (root / SITE / "jobqd/http/dashboard/static/htmx.min.js").is_file()
 
     config = tmp_path / "jobqd.yaml"
     config.write_text(
