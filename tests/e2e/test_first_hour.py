@@ -90,9 +90,18 @@ def test_the_starter_runs_on_the_embedded_database_and_dies_with_its_master(tmp_
                 env=env,
                 cwd=elsewhere,
             )  # no -c: the embedded server in the default data directory
+            tried.append(done.stderr.strip())
             return int(done.stdout) if done.returncode == 0 else None
 
-        job = wait_for(enqueued, timeout=60, what="the schema, so that jobqctl can enqueue")
+        tried: list[str] = []
+        try:
+            job = wait_for(enqueued, timeout=60, what="the schema, so that jobqctl can enqueue")
+        except AssertionError:
+            log.flush()
+            daemon = (tmp_path / "daemon.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(
+                f"jobqctl enqueue said {tried[-1:]}; the daemon: {daemon}"
+            ) from None
         done = _run(
             "jobqd.cli.ctl", "-c", config, "wait", str(job), "--json", env=env, cwd=elsewhere
         )
