@@ -6,10 +6,8 @@ its stale lease tokens refused with 409, and SIGTERM ending a worker's long-poll
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
@@ -19,6 +17,7 @@ import psycopg
 import pytest
 from faults import free_port
 from helpers import wait_for
+from node_example import NodeExample
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "http-worker"
@@ -30,13 +29,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class HttpWorker:
-    """`node main.js` as a user runs it, its JSON log and its ledger in files."""
+class HttpWorker(NodeExample):
+    """examples/http-worker as a user runs it; its ledger of runs in a file of its own."""
 
     def __init__(self, base: str, queue: str, name: str, tmp: Path, **env: str) -> None:
-        self.name, self.log, self.ledger = name, tmp / f"{name}.log", tmp / f"{name}.ledger"
-        environment = {
-            **os.environ,
+        self.ledger = tmp / f"{name}.ledger"
+        settings = {
             "JOBQD_URL": base,
             "JOBQD_TOKEN": WORKER_TOKEN,
             "JOBQD_QUEUE": queue,
@@ -45,33 +43,12 @@ class HttpWorker:
             "JOBQD_WAIT_SECONDS": "5",
             "JOBQD_LEDGER_FILE": str(self.ledger),
             "JOBQD_LOG": "debug",
-            **env,
         }
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                ["node", "main.js"], cwd=EXAMPLE, env=environment, stdout=out, stderr=out
-            )
+        super().__init__(EXAMPLE, name, tmp / f"{name}.log", {**settings, **env})
 
     def records(self, event: str | None = None) -> list[dict]:
-        path = self.log if event else self.ledger
-        if not path.exists():
-            return []
-        found = []
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if event is None or record.get("event") == event:
-                found.append(record)
-        return found
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        print(f"--- {self.name} log (last lines) ---")
-        print("\n".join(self.log.read_text(errors="replace").splitlines()[-20:]))
+        """The log's records of `event`, or without one the ledger's runs."""
+        return self.events(event) if event else self.events(path=self.ledger)
 
 
 def call(base: str, path: str, body: dict, token: str) -> tuple[int, dict]:

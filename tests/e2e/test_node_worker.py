@@ -5,8 +5,6 @@ heartbeats, SIGTERM draining the jobs in flight."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,6 +16,7 @@ import psycopg
 import pytest
 from e2e_daemon import enqueue
 from helpers import wait_for
+from node_example import NodeExample
 from psycopg.conninfo import conninfo_to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,13 +53,11 @@ def url(dsn: str) -> str:
     return f"postgresql://{auth}@{p.get('host', '127.0.0.1')}:{p.get('port', 5432)}/{p['dbname']}"
 
 
-class NodeWorker:
-    """`node main.js` as a user runs it, its JSON log in a file."""
+class NodeWorker(NodeExample):
+    """examples/node-sql as a user runs it."""
 
     def __init__(self, example: Path, dsn: str, name: str, log: Path) -> None:
-        self.name, self.log = name, log
-        env = {
-            **os.environ,
+        settings = {
             "DATABASE_URL": url(dsn),
             "JOBQD_QUEUE": "shared",
             "JOBQD_WORKER": name,
@@ -68,28 +65,7 @@ class NodeWorker:
             "JOBQD_POLL_MS": "300",
             "JOBQD_LOG": "debug",
         }
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                ["node", "main.js"], cwd=example, env=env, stdout=out, stderr=subprocess.STDOUT
-            )
-
-    def events(self, event: str) -> list[dict]:
-        found = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == event:
-                found.append(record)
-        return found
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        print(f"--- {self.name} log (last lines) ---")
-        print("\n".join(self.log.read_text(errors="replace").splitlines()[-30:]))
+        super().__init__(example, name, log, settings)
 
 
 def holder_seen(conn: psycopg.Connection, name: str):
