@@ -88,7 +88,6 @@ class Roll:
     replaced: int = 0
     error: str | None = None  # why it failed, in a sentence
     where: str = ""  # the child it failed at or is booting, or what failed ("config")
-    ended_at: float | None = None
 
     @property
     def total(self) -> int:
@@ -101,11 +100,11 @@ class Roll:
     def begin(self, steps: list[list[Ident]]) -> None:
         self.state, self.steps = ROLLING, steps
 
-    def fail(self, where: str, error: str, now: float) -> None:
-        self.state, self.where, self.error, self.ended_at = FAILED, where, error, now
+    def fail(self, where: str, error: str) -> None:
+        self.state, self.where, self.error = FAILED, where, error
 
-    def finish(self, now: float) -> None:
-        self.state, self.where, self.ended_at = DONE, "", now
+    def finish(self) -> None:
+        self.state, self.where = DONE, ""
 
     def next_step(self) -> list[Ident] | None:
         if self.step >= len(self.steps):

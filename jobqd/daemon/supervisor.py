@@ -730,7 +730,7 @@ class Supervisor:
 
     def _roll_stopped(self) -> None:
         if self.roll is not None and self.roll.active:
-            self.roll.fail("stopping", "the daemon is stopping", time.monotonic())
+            self.roll.fail("stopping", "the daemon is stopping")
             self._roll_pending = False
 
     def _fast_stop(self, reason: str) -> None:
@@ -945,7 +945,7 @@ class Supervisor:
 
     def _roll_refused(self, where: str, why: str) -> None:
         assert self.roll is not None
-        self.roll.fail(where, why, time.monotonic())
+        self.roll.fail(where, why)
         log.error("roll %d refused: %s", self.roll.number, why)
 
     def _begin_roll(self, now: float) -> None:
@@ -1004,7 +1004,7 @@ class Supervisor:
         while not roll.replacing and roll.state == ROLLING:
             idents = roll.next_step()
             if idents is None:
-                roll.finish(now)
+                roll.finish()
                 log.info(
                     "roll %d done: %d worker(s) replaced in %.1fs",
                     roll.number,
@@ -1032,7 +1032,7 @@ class Supervisor:
             return
         new = self._spawn(spec)
         if new is None:
-            roll.fail(spec.name, f"cannot fork a replacement for {spec.name}", now)
+            roll.fail(spec.name, f"cannot fork a replacement for {spec.name}")
             log.error(
                 "roll %d stopped: cannot fork a replacement for %s; the workers not yet "
                 "replaced keep running: roll again once the host has memory and processes",
@@ -1067,7 +1067,7 @@ class Supervisor:
                 self._stop_child(booting, now, self.settings.shutdown_timeout)
         roll.replacing.clear()
         name = child.spec.name
-        roll.fail(name, f"the replacement for {name} {why}", now)
+        roll.fail(name, f"the replacement for {name} {why}")
         log.error(
             "roll %d stopped: the replacement for %s %s; %s and the %d other worker(s) not "
             "yet replaced keep running their code (%d of %d were replaced): fix the error "

@@ -1083,7 +1083,7 @@ def test_the_title_of_each_roll_state_reads_back():
     states.append(r.title())
     r.replacing.clear()
     r.replaced = 1
-    r.fail("worker b#0", "it exited", 1.0)
+    r.fail("worker b#0", "it exited")
     states.append(r.title())
     assert states == [
         "master roll 4 checking",
